@@ -1,0 +1,53 @@
+"""The session service: an app factory that reads like a table of contents."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from flask import Flask
+
+from app import errors, middleware
+from app.extensions import api, cors, db, limiter, migrate
+from app.logging_setup import configure_logging
+from app.routes.health import health_bp
+from app.routes.sessions import sessions_bp
+from config import Config
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "migrations")
+
+
+def create_app(environ: Mapping[str, str] | None = None) -> Flask:
+    """Build the app from ``environ`` (default: the process environment)."""
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    config = Config(os.environ if environ is None else environ, instance_path=app.instance_path)
+    app.config.from_mapping(config.as_mapping())
+    configure_logging(app.config["LOG_LEVEL"])
+
+    _init_extensions(app)
+    _register_blueprints(app)
+    middleware.init_app(app)
+    errors.register_error_handlers(app)
+    return app
+
+
+def _init_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR, compare_type=True)
+    limiter.init_app(app)
+    cors.init_app(
+        app,
+        resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
+        allow_headers=["Content-Type", "X-Session-ID", "X-Correlation-ID", "Accept"],
+        expose_headers=["X-Correlation-ID", "X-API-Version", "Retry-After"],
+        methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        max_age=600,
+    )
+    api.init_app(app)
+
+
+def _register_blueprints(app: Flask) -> None:
+    api.register_blueprint(sessions_bp)
+    api.register_blueprint(health_bp)

@@ -1,0 +1,156 @@
+"""Domain errors, and the one place that turns any error into the contract's JSON shape."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from app.messages import GENERAL_ERROR
+from app.middleware import current_correlation_id
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    """A business rule said no; carries the HTTP status and the stable error code."""
+
+    status_code = 400
+    error = "bad_request"
+    message = "The request could not be processed."
+
+    def __init__(self, message: str | None = None, *, details: dict[str, Any] | None = None):
+        super().__init__(message or self.message)
+        if message is not None:
+            self.message = message
+        self.details = details
+
+
+class InvalidRequest(DomainError):
+    """The request is malformed."""
+
+    error = "invalid_request"
+    message = "The request is malformed."
+
+
+class ConsentRequired(DomainError):
+    """Personal data was sent without consent to store it."""
+
+    error = "consent_required"
+    message = (
+        "Consent to store personal data (consent_user_data: true) is required for name or email."
+    )
+
+
+class SessionNotFound(DomainError):
+    """The session is unknown or has ended."""
+
+    status_code = 404
+    error = "session_not_found"
+    message = "Invalid session: it does not exist or has ended."
+
+
+class UuidGenerationFailed(DomainError):
+    """Every attempt to issue a fresh UUID collided."""
+
+    status_code = 500
+    error = "uuid_generation_failed"
+    message = GENERAL_ERROR
+
+
+# Codes for errors that the framework, not our services, raises.
+HTTP_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+HTTP_ERROR_MESSAGES = {
+    400: "The request is malformed.",
+    404: "No such endpoint.",
+    405: "This method is not allowed on this endpoint.",
+    413: "The request body is too large.",
+    415: "Unsupported content type.",
+    429: "Too many requests. Please wait before trying again.",
+}
+
+
+def error_response(
+    status_code: int,
+    error: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+) -> Response:
+    """The contract's error body with the given status."""
+    body: dict[str, Any] = {
+        "status": "error",
+        "error": error,
+        "message": message,
+        "correlation_id": current_correlation_id(),
+    }
+    if details:
+        body["details"] = details
+    response = jsonify(body)
+    response.status_code = status_code
+    return response
+
+
+def _validation_details(exc: HTTPException) -> dict[str, Any] | None:
+    """Field errors that webargs attached to a 400, keyed by field (``body`` for the whole)."""
+    messages = getattr(exc, "data", {}).get("messages")
+    if not isinstance(messages, dict):
+        return None
+    details: dict[str, Any] = {}
+    for location_errors in messages.values():
+        if isinstance(location_errors, dict):
+            for field, problems in location_errors.items():
+                details["body" if field == "_schema" else field] = problems
+        else:
+            details["body"] = location_errors
+    return details
+
+
+def handle_domain_error(exc: DomainError) -> Response:
+    if exc.status_code >= 500:
+        log.error("domain failure", extra={"error": exc.error}, exc_info=exc)
+    return error_response(exc.status_code, exc.error, exc.message, exc.details)
+
+
+def handle_http_exception(exc: HTTPException) -> Response:
+    status_code = exc.code or 500
+    if status_code >= 500:
+        return error_response(status_code, "internal_error", GENERAL_ERROR)
+    response = error_response(
+        status_code,
+        HTTP_ERROR_CODES.get(status_code, "http_error"),
+        HTTP_ERROR_MESSAGES.get(status_code, exc.description or "Request failed."),
+        _validation_details(exc) if status_code == 400 else None,
+    )
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def handle_database_unavailable(exc: OperationalError) -> Response:
+    log.error("database unavailable", exc_info=exc)
+    response = error_response(503, "database_unavailable", GENERAL_ERROR)
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", GENERAL_ERROR)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map domain errors, HTTP errors and anything unexpected to JSON."""
+    app.register_error_handler(DomainError, handle_domain_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(OperationalError, handle_database_unavailable)
+    app.register_error_handler(Exception, handle_unexpected)

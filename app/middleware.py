@@ -1,0 +1,81 @@
+"""Per-request plumbing: correlation ids, client address, response headers and the access log."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.privacy import truncate_ip
+from app.services.audit import AuditContext
+
+access_log = logging.getLogger("app.access")
+
+CORRELATION_HEADER = "X-Correlation-ID"
+HSTS_VALUE = "max-age=31536000; includeSubDomains"
+
+
+def current_correlation_id() -> str:
+    """The correlation id of the current request, minted on first use."""
+    if "correlation_id" not in g:
+        g.correlation_id = _caller_correlation_id() or str(uuid.uuid4())
+    return str(g.correlation_id)
+
+
+def _caller_correlation_id() -> str | None:
+    raw = request.headers.get(CORRELATION_HEADER, "")
+    if len(raw) > 36:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
+def request_audit_context() -> AuditContext:
+    """Who is asking, in the reduced form the audit trail keeps."""
+    return AuditContext(
+        client_ip=truncate_ip(request.remote_addr),
+        correlation_id=current_correlation_id(),
+    )
+
+
+def _start_request() -> None:
+    g.request_started = time.perf_counter()
+    current_correlation_id()
+
+
+def _finish_response(response: Response) -> Response:
+    headers = response.headers
+    headers[CORRELATION_HEADER] = current_correlation_id()
+    headers["X-API-Version"] = "v1"
+    headers["Cache-Control"] = "no-store"
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    if request.is_secure:
+        headers["Strict-Transport-Security"] = HSTS_VALUE
+    started = g.get("request_started")
+    access_log.info(
+        "request",
+        extra={
+            "correlation_id": current_correlation_id(),
+            "method": request.method,
+            # The rule, not the path: paths carry session UUIDs and arbitrary caller text.
+            "route": request.url_rule.rule if request.url_rule else None,
+            "status": response.status_code,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        },
+    )
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Install the request hooks, trusting X-Forwarded-* only from configured proxies."""
+    proxies = app.config["TRUSTED_PROXY_COUNT"]
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
+    app.before_request(_start_request)
+    app.after_request(_finish_response)

@@ -1,0 +1,131 @@
+"""Database models: chat sessions, retired session UUIDs and the audit trail."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from app.extensions import Base
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that always reads back as UTC.
+
+    PostgreSQL keeps the zone; SQLite stores naive text, so values are
+    normalised to UTC on the way in and marked UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use app.clock.utcnow()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class SessionState(enum.StrEnum):
+    """Where a chat session is in its lifecycle."""
+
+    PENDING = "pending"
+    VERIFIED = "verified"
+
+
+class ChatSession(Base):
+    """An anonymous chat session, keyed by the UUID the frontend holds."""
+
+    __tablename__ = "chat_sessions"
+
+    uuid: Mapped[uuid.UUID] = mapped_column(Uuid(as_uuid=True), primary_key=True)
+    state: Mapped[SessionState] = mapped_column(
+        Enum(
+            SessionState,
+            name="session_state",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda states: [state.value for state in states],
+        ),
+        default=SessionState.PENDING,
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    consent_user_data: Mapped[bool] = mapped_column(default=False)
+    consent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(254))
+    email_verified: Mapped[bool] = mapped_column(default=False)
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+
+    __table_args__ = (
+        # The abandoned-session and retention jobs select by state and idle time.
+        Index("ix_chat_sessions_state_last_seen_at", "state", "last_seen_at"),
+    )
+
+
+class RetirementReason(enum.StrEnum):
+    """Why a session UUID was retired."""
+
+    DELETED = "deleted"
+    ABANDONED = "abandoned"
+    EXPIRED = "expired"
+
+
+class RetiredSessionUUID(Base):
+    """Tombstone of an ended session: its UUID is never issued or accepted again."""
+
+    __tablename__ = "retired_session_uuids"
+
+    uuid: Mapped[uuid.UUID] = mapped_column(Uuid(as_uuid=True), primary_key=True)
+    retired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[RetirementReason] = mapped_column(
+        Enum(
+            RetirementReason,
+            name="retirement_reason",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda reasons: [reason.value for reason in reasons],
+        )
+    )
+
+
+class AuditEvent(Base):
+    """One row per session event; never holds personal data."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    session_uuid: Mapped[uuid.UUID | None] = mapped_column(Uuid(as_uuid=True))
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    correlation_id: Mapped[str | None] = mapped_column(String(36))
+    details: Mapped[dict[str, Any]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"), default=dict
+    )
+
+    __table_args__ = (
+        # A session's trail is read newest first by export, the CLI and notifications.
+        Index("ix_audit_events_session_uuid_occurred_at", "session_uuid", "occurred_at"),
+    )

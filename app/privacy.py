@@ -1,0 +1,34 @@
+"""Reducing personal data before it is stored, logged or shown."""
+
+from __future__ import annotations
+
+import ipaddress
+
+# A /24 (IPv4) or /48 (IPv6) names a network, not a subscriber.
+IPV4_KEPT_PREFIX = 24
+IPV6_KEPT_PREFIX = 48
+
+
+def truncate_ip(address: str | None) -> str | None:
+    """The network part of an IP address, or None if it is not one."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = IPV4_KEPT_PREFIX if ip.version == 4 else IPV6_KEPT_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+def mask_email(email: str | None) -> str | None:
+    """``jane.doe@example.com`` becomes ``j***@e***.com``."""
+    if not email or "@" not in email:
+        return None
+    local, _, domain = email.rpartition("@")
+    host, dot, tld = domain.rpartition(".")
+    if not dot:
+        host, tld = domain, ""
+    return f"{local[:1]}***@{host[:1]}***{dot}{tld}"

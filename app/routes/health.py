@@ -1,0 +1,35 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.routes import ApiBlueprint
+from app.schemas import HealthSchema, ReadinessSchema
+from app.services import health
+
+health_bp = ApiBlueprint(
+    "health", __name__, description="Probes for load balancers and orchestrators."
+)
+
+
+@health_bp.route("/health", methods=["GET"])
+@health_bp.response(200, HealthSchema)
+def liveness() -> dict[str, Any]:
+    """The process is up and serving requests."""
+    return {"status": "success", "message": "ok"}
+
+
+@health_bp.route("/ready", methods=["GET"])
+@health_bp.response(200, ReadinessSchema)
+@health_bp.alt_response(503, schema=ReadinessSchema, description="A dependency is unreachable")
+def readiness() -> tuple[dict[str, Any], int]:
+    """Whether every dependency answers; 503 names the ones that do not."""
+    checks = health.check_dependencies()
+    ready = all(value == "ok" for value in checks.values())
+    body = {
+        "status": "success" if ready else "error",
+        "message": "ready" if ready else "not ready",
+        "checks": checks,
+    }
+    return body, 200 if ready else 503

@@ -1,0 +1,110 @@
+"""Session endpoints under /api/v1."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from app.messages import SESSION_RESET
+from app.middleware import request_audit_context
+from app.privacy import mask_email
+from app.routes import ApiBlueprint, rate_limited
+from app.schemas import (
+    PersistSessionRequestSchema,
+    PersistSessionResponseSchema,
+    SessionStateSchema,
+    UuidIssuedSchema,
+    ValidateUuidRequestSchema,
+    ValidateUuidResponseSchema,
+)
+from app.services import chat_sessions
+from app.services.chat_sessions import Verdict
+
+sessions_bp = ApiBlueprint(
+    "sessions",
+    __name__,
+    url_prefix="/api/v1",
+    description="Anonymous chat sessions, keyed by a UUID v4 the frontend keeps.",
+)
+
+VERDICT_MESSAGES = {
+    (Verdict.SUCCESS, False): "Session validated.",
+    (Verdict.SUCCESS, True): "New session registered.",
+    (Verdict.COLLISION, True): SESSION_RESET,
+    (Verdict.INVALID, False): SESSION_RESET,
+}
+
+
+@sessions_bp.route("/generate-uuid", methods=["POST"])
+@rate_limited("SESSION_RATE_LIMIT")
+@sessions_bp.response(200, UuidIssuedSchema)
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+@sessions_bp.alt_response(500, response="INTERNAL_SERVER_ERROR")
+def generate_uuid() -> dict[str, Any]:
+    """Issue a fresh session UUID, registered as a pending session."""
+    session_uuid = chat_sessions.generate(request_audit_context())
+    return {"status": "success", "uuid": session_uuid, "message": "Session created."}
+
+
+@sessions_bp.route("/validate-uuid", methods=["POST"])
+@rate_limited("SESSION_RATE_LIMIT")
+@sessions_bp.arguments(ValidateUuidRequestSchema)
+@sessions_bp.response(200, ValidateUuidResponseSchema)
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
+    """Judge a UUID: resume or register it (success), replace it (collision) or reject it (invalid).
+
+    Every verdict answers 200; the frontend reads it from ``status``.
+    """
+    result = chat_sessions.validate(body["uuid"], request_audit_context())
+    return {
+        "status": result.verdict.value,
+        "uuid": result.session_uuid,
+        "message": VERDICT_MESSAGES[(result.verdict, result.registered)],
+    }
+
+
+@sessions_bp.route("/persist_session", methods=["POST"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.arguments(PersistSessionRequestSchema)
+@sessions_bp.response(200, PersistSessionResponseSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+def persist_session(body: dict[str, Any]) -> dict[str, Any]:
+    """Record consent to store personal data, optionally with name and e-mail."""
+    chat_session = chat_sessions.persist(
+        body.get("uuid") or body["session_uuid"],
+        consent_user_data=body["consent_user_data"],
+        name=body.get("name"),
+        email=body.get("email"),
+        context=request_audit_context(),
+    )
+    return {
+        "status": "success",
+        "uuid": chat_session.uuid,
+        "message": "Consent recorded." if chat_session.consent_user_data else "Consent declined.",
+        "consent_user_data": chat_session.consent_user_data,
+    }
+
+
+@sessions_bp.route("/session/<uuid:session_uuid>", methods=["GET"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.response(200, SessionStateSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+def get_session(session_uuid: uuid.UUID) -> dict[str, Any]:
+    """The session's state, times, consent and masked e-mail."""
+    chat_session = chat_sessions.describe(session_uuid)
+    return {
+        "status": "success",
+        "message": "Session found.",
+        "uuid": chat_session.uuid,
+        "state": chat_session.state.value,
+        "created_at": chat_session.created_at,
+        "last_seen_at": chat_session.last_seen_at,
+        "completed_at": chat_session.completed_at,
+        "consent_user_data": chat_session.consent_user_data,
+        "consent_at": chat_session.consent_at,
+        "email_verified": chat_session.email_verified,
+        "email_masked": mask_email(chat_session.email),
+    }

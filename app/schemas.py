@@ -1,0 +1,122 @@
+"""Request and response schemas: they validate input and generate the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+# Longer than any UUID spelling, short enough that no one can ship a payload in the field.
+MAX_UUID_FIELD_LENGTH = 64
+MAX_NAME_LENGTH = 200
+MAX_EMAIL_LENGTH = 254
+
+
+class StrictBoolean(fields.Boolean):
+    """A JSON boolean and nothing else: ``"true"`` or ``1`` are type errors."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+def _uuid_text(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(max=MAX_UUID_FIELD_LENGTH), **kwargs)
+
+
+class ErrorSchema(ma.Schema):
+    """The error body every non-2xx response carries."""
+
+    status = fields.String(required=True, metadata={"example": "error"})
+    error = fields.String(required=True, metadata={"description": "Stable machine code"})
+    message = fields.String(required=True)
+    correlation_id = fields.String(required=True)
+    details = fields.Dict(
+        keys=fields.String(),
+        values=fields.Raw(),
+        metadata={"description": "Per-field problems, on validation errors"},
+    )
+
+
+class UuidIssuedSchema(ma.Schema):
+    """A freshly issued session UUID."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    uuid = fields.UUID(required=True)
+    message = fields.String(required=True)
+
+
+class ValidateUuidRequestSchema(ma.Schema):
+    """The UUID the frontend holds, as it holds it."""
+
+    uuid = _uuid_text(required=True)
+
+
+class ValidateUuidResponseSchema(ma.Schema):
+    """The verdict on a UUID; ``uuid`` is the one to use from now on."""
+
+    status = fields.String(
+        required=True, validate=validate.OneOf(["success", "collision", "invalid"])
+    )
+    uuid = fields.UUID(required=True, allow_none=True)
+    message = fields.String(required=True)
+
+
+class PersistSessionRequestSchema(ma.Schema):
+    """Consent to store personal data, with optional name and e-mail."""
+
+    uuid = _uuid_text()
+    session_uuid = _uuid_text()
+    consent_user_data = StrictBoolean(required=True)
+    name = fields.String(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
+    email = fields.String(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+
+    @ma.validates_schema
+    def _exactly_one_session_key(self, data: dict[str, Any], **kwargs: Any) -> None:
+        given = [key for key in ("uuid", "session_uuid") if data.get(key) is not None]
+        if not given:
+            raise ma.ValidationError("Provide the session as uuid or session_uuid.", "uuid")
+        if len(given) == 2 and data["uuid"].lower() != data["session_uuid"].lower():
+            raise ma.ValidationError("uuid and session_uuid name different sessions.", "uuid")
+
+
+class PersistSessionResponseSchema(ma.Schema):
+    """The stored consent decision."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    uuid = fields.UUID(required=True)
+    message = fields.String(required=True)
+    consent_user_data = fields.Boolean(required=True)
+
+
+class SessionStateSchema(ma.Schema):
+    """What the service holds about a session, with the e-mail masked."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    uuid = fields.UUID(required=True)
+    state = fields.String(required=True, validate=validate.OneOf(["pending", "verified"]))
+    created_at = fields.AwareDateTime(required=True)
+    last_seen_at = fields.AwareDateTime(required=True)
+    completed_at = fields.AwareDateTime(required=True, allow_none=True)
+    consent_user_data = fields.Boolean(required=True)
+    consent_at = fields.AwareDateTime(required=True, allow_none=True)
+    email_verified = fields.Boolean(required=True)
+    email_masked = fields.String(required=True, allow_none=True)
+
+
+class HealthSchema(ma.Schema):
+    """Liveness."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+
+
+class ReadinessSchema(ma.Schema):
+    """Readiness of each dependency."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["success", "error"]))
+    message = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.String(), required=True)

@@ -1,0 +1,51 @@
+"""The audit trail: one row per session event, written inside the caller's transaction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, insert
+
+from app.clock import utcnow
+from app.extensions import db
+from app.models import AuditEvent
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """Who caused an event: a reduced client address and the request's correlation id."""
+
+    client_ip: str | None = None
+    correlation_id: str | None = None
+
+
+SYSTEM = AuditContext()
+
+
+def record(
+    event_type: str,
+    context: AuditContext,
+    session_uuid: uuid.UUID | None = None,
+    **details: Any,
+) -> None:
+    """Add an audit row to the current transaction; the caller commits.
+
+    ``details`` must never carry personal data (names, e-mail addresses, codes).
+    """
+    db.session.execute(
+        _INSERT,
+        {
+            "occurred_at": utcnow(),
+            "event_type": event_type,
+            "session_uuid": session_uuid,
+            "client_ip": context.client_ip,
+            "correlation_id": context.correlation_id,
+            "details": details,
+        },
+    )
+
+
+# Built once: building an INSERT costs more than running it.
+_INSERT = insert(cast(Table, AuditEvent.__table__))

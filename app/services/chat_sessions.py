@@ -1,0 +1,297 @@
+"""Chat session lifecycle: issuing, validating and describing sessions, and recording consent."""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+from uuid import uuid4
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import (
+    Table,
+    bindparam,
+    delete,
+    exists,
+    false,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import ReturningInsert
+
+from app.clock import utcnow
+from app.errors import ConsentRequired, InvalidRequest, SessionNotFound, UuidGenerationFailed
+from app.extensions import db
+from app.models import ChatSession, RetiredSessionUUID, SessionState
+from app.services import audit
+from app.services.audit import AuditContext
+
+GENERATION_ATTEMPTS = 3
+
+# The canonical spelling only: 8-4-4-4-12 hex digits, version nibble 4, RFC 4122 variant.
+_UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def parse_uuid4(raw: str) -> uuid.UUID | None:
+    """The UUID if ``raw`` spells a version 4 UUID in any letter case, else None."""
+    text = raw.strip().lower()
+    return uuid.UUID(text) if _UUID4.match(text) else None
+
+
+class Verdict(enum.StrEnum):
+    """What validate-uuid tells the frontend."""
+
+    SUCCESS = "success"
+    COLLISION = "collision"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """A verdict and the UUID the frontend should hold from now on."""
+
+    verdict: Verdict
+    session_uuid: uuid.UUID | None
+    registered: bool = False
+
+
+class _Claim(enum.Enum):
+    RESUMED = "resumed"
+    REGISTERED = "registered"
+    ENDED = "ended"
+
+
+def generate(context: AuditContext) -> uuid.UUID:
+    """Issue a fresh UUID registered as a pending session."""
+    session_uuid = _issue_fresh_uuid(context)
+    db.session.commit()
+    return session_uuid
+
+
+def validate(raw: str, context: AuditContext) -> ValidationResult:
+    """Resume a live session, register an unknown v4 UUID, or replace an ended one."""
+    session_uuid = parse_uuid4(raw)
+    if session_uuid is None:
+        audit.record("uuid_invalid", context, reason="not_uuid_v4")
+        db.session.commit()
+        return ValidationResult(Verdict.INVALID, None)
+
+    claim = _resume_or_register(session_uuid, context)
+    if claim is _Claim.ENDED:
+        replacement = _issue_fresh_uuid(context)
+        audit.record("uuid_collision", context, session_uuid, replacement=str(replacement))
+        db.session.commit()
+        return ValidationResult(Verdict.COLLISION, replacement, registered=True)
+
+    registered = claim is _Claim.REGISTERED
+    audit.record("uuid_registered" if registered else "uuid_validated", context, session_uuid)
+    db.session.commit()
+    return ValidationResult(Verdict.SUCCESS, session_uuid, registered=registered)
+
+
+def describe(session_uuid: uuid.UUID) -> ChatSession:
+    """A live session, with its last-seen time touched."""
+    chat_session = _live_session(session_uuid)
+    chat_session.last_seen_at = utcnow()
+    db.session.commit()
+    return chat_session
+
+
+def persist(
+    raw_uuid: str,
+    *,
+    consent_user_data: bool,
+    name: str | None,
+    email: str | None,
+    context: AuditContext,
+) -> ChatSession:
+    """Record the user's consent decision and, with consent, their name and e-mail."""
+    session_uuid = parse_uuid4(raw_uuid)
+    if session_uuid is None:
+        raise InvalidRequest(details={"uuid": ["Not a UUID version 4."]})
+    if (name is not None or email is not None) and not consent_user_data:
+        raise ConsentRequired()
+    clean_name = _clean_name(name)
+    clean_email = _normalise_email(email)
+
+    chat_session = _live_session(session_uuid, for_update=True)
+    now = utcnow()
+    chat_session.last_seen_at = now
+    if not consent_user_data:
+        if chat_session.consent_user_data:
+            _erase_personal_data(chat_session)
+            audit.record("consent_withdrawn", context, session_uuid)
+        else:
+            audit.record("consent_declined", context, session_uuid)
+        db.session.commit()
+        return chat_session
+
+    if not chat_session.consent_user_data:
+        chat_session.consent_user_data = True
+        chat_session.consent_at = now
+        audit.record("consent_granted", context, session_uuid)
+    changed = []
+    if clean_name is not None and clean_name != chat_session.name:
+        chat_session.name = clean_name
+        changed.append("name")
+    if clean_email is not None and clean_email != chat_session.email:
+        chat_session.email = clean_email
+        _require_email_verification(chat_session)
+        changed.append("email")
+    if changed:
+        audit.record("personal_data_updated", context, session_uuid, fields=changed)
+    db.session.commit()
+    return chat_session
+
+
+def _live_session(session_uuid: uuid.UUID, *, for_update: bool = False) -> ChatSession:
+    """The session row, or SessionNotFound for non-v4, unknown and ended UUIDs."""
+    if session_uuid.version != 4:
+        raise SessionNotFound()
+    query = select(ChatSession).where(ChatSession.uuid == session_uuid)
+    if for_update:
+        query = query.with_for_update()
+    chat_session = db.session.scalars(query).one_or_none()
+    if chat_session is None:
+        raise SessionNotFound()
+    return chat_session
+
+
+def _clean_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    stripped = " ".join(name.split())
+    if not stripped:
+        raise InvalidRequest(details={"name": ["Must not be blank."]})
+    return stripped
+
+
+def _normalise_email(email: str | None) -> str | None:
+    if email is None:
+        return None
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidRequest(details={"email": [str(exc)]}) from exc
+
+
+def _require_email_verification(chat_session: ChatSession) -> None:
+    """A new address is unverified, so the session is no longer complete."""
+    chat_session.email_verified = False
+    chat_session.state = SessionState.PENDING
+    chat_session.completed_at = None
+
+
+def _erase_personal_data(chat_session: ChatSession) -> None:
+    chat_session.consent_user_data = False
+    chat_session.consent_at = None
+    chat_session.name = None
+    chat_session.email = None
+    _require_email_verification(chat_session)
+
+
+def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:
+    """Register a new random UUID, retrying on collision; audits every attempt.
+
+    No re-check after the claim (unlike a client-supplied UUID): a random UUID
+    that wins its insert was not live, so no erasure of it can be in flight.
+    """
+    for attempt in range(1, GENERATION_ATTEMPTS + 1):
+        candidate = uuid4()
+        if _claim(candidate, utcnow(), context.client_ip):
+            audit.record("uuid_generated", context, candidate, attempt=attempt)
+            return candidate
+        audit.record("uuid_generation_collision", context, attempt=attempt)
+    audit.record("uuid_generation_failed", context, attempts=GENERATION_ATTEMPTS)
+    db.session.commit()
+    raise UuidGenerationFailed()
+
+
+def _resume_or_register(session_uuid: uuid.UUID, context: AuditContext) -> _Claim:
+    now = utcnow()
+    if _touch(session_uuid, now):
+        return _Claim.RESUMED
+    if _claim(session_uuid, now, context.client_ip):
+        # An erasure deletes the row and writes the tombstone in one transaction. If
+        # our insert had to wait for such a transaction, its tombstone was invisible
+        # to the claim's snapshot but is visible to this later statement.
+        if not _is_retired(session_uuid):
+            return _Claim.REGISTERED
+        db.session.execute(_UNCLAIM, {"session_uuid": session_uuid})
+        return _Claim.ENDED
+    # Another request registered it between our two statements.
+    if _touch(session_uuid, now):
+        return _Claim.RESUMED
+    return _Claim.ENDED
+
+
+# Statements are built once: building them costs more than running them.
+_SESSIONS = cast(Table, ChatSession.__table__)
+_RETIRED = cast(Table, RetiredSessionUUID.__table__)
+
+_TOUCH = (
+    update(_SESSIONS)
+    .where(_SESSIONS.c.uuid == bindparam("session_uuid"))
+    .values(last_seen_at=bindparam("now"))
+    .returning(_SESSIONS.c.uuid)
+)
+_IS_RETIRED = select(exists().where(_RETIRED.c.uuid == bindparam("session_uuid")))
+_UNCLAIM = delete(_SESSIONS).where(_SESSIONS.c.uuid == bindparam("session_uuid"))
+
+
+def _claim_statement(
+    insert: Callable[[Table], postgresql.Insert | sqlite.Insert],
+) -> ReturningInsert[uuid.UUID]:
+    """INSERT a pending session unless the UUID is live or retired, RETURNING it if inserted."""
+    session_uuid = bindparam("session_uuid", type_=_SESSIONS.c.uuid.type)
+    now = bindparam("now", type_=_SESSIONS.c.created_at.type)
+    not_retired = ~exists().where(_RETIRED.c.uuid == session_uuid)
+    row = select(
+        session_uuid,
+        literal(SessionState.PENDING.value),
+        now,
+        now,
+        bindparam("client_ip", type_=_SESSIONS.c.client_ip.type),
+        false(),
+        false(),
+    ).where(not_retired)
+    columns = [
+        "uuid",
+        "state",
+        "created_at",
+        "last_seen_at",
+        "client_ip",
+        "consent_user_data",
+        "email_verified",
+    ]
+    statement = insert(_SESSIONS).from_select(columns, row, include_defaults=False)
+    return statement.on_conflict_do_nothing(index_elements=["uuid"]).returning(_SESSIONS.c.uuid)
+
+
+_CLAIM = {
+    "postgresql": _claim_statement(postgresql.insert),
+    "sqlite": _claim_statement(sqlite.insert),
+}
+
+
+def _touch(session_uuid: uuid.UUID, now: datetime) -> bool:
+    """Mark a live session as seen; False if there is no such row."""
+    params = {"session_uuid": session_uuid, "now": now}
+    return db.session.execute(_TOUCH, params).first() is not None
+
+
+def _claim(session_uuid: uuid.UUID, now: datetime, client_ip: str | None) -> bool:
+    """Insert a pending session unless the UUID is live or retired; True if inserted."""
+    statement = _CLAIM[db.session.get_bind().dialect.name]
+    params = {"session_uuid": session_uuid, "now": now, "client_ip": client_ip}
+    return db.session.execute(statement, params).first() is not None
+
+
+def _is_retired(session_uuid: uuid.UUID) -> bool:
+    return bool(db.session.scalar(_IS_RETIRED, {"session_uuid": session_uuid}))

@@ -1,0 +1,151 @@
+"""Application configuration read from the environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or malformed."""
+
+
+class _Env:
+    """Typed readers over an environment mapping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str, default: str) -> str:
+        return self._environ.get(name, default).strip()
+
+    def optional_text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        raw = self._environ.get(name)
+        if raw is None or not raw.strip():
+            return default
+        try:
+            value = int(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._environ.get(name)
+        if raw is None:
+            return default
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
+
+    def csv(self, name: str, default: str) -> list[str]:
+        return [item.strip() for item in self.text(name, default).split(",") if item.strip()]
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+
+class Config:
+    """Every setting the app reads, coerced from environment variables.
+
+    Attributes in upper case are copied into ``app.config`` by the factory.
+    """
+
+    def __init__(self, environ: Mapping[str, str], *, instance_path: str) -> None:
+        env = _Env(environ)
+        self.APP_ENV = env.choice("APP_ENV", "development", ("development", "production"))
+        production = self.APP_ENV == "production"
+
+        secret_key = env.optional_text("SECRET_KEY")
+        if secret_key is None:
+            if production:
+                raise ConfigError("SECRET_KEY is required when APP_ENV=production")
+            # A per-process random key keeps development usable without a shared secret.
+            secret_key = secrets.token_hex(32)
+        self.SECRET_KEY = secret_key
+
+        default_db = "sqlite:///" + os.path.join(instance_path, "sessions.sqlite3")
+        self.SQLALCHEMY_DATABASE_URI = _normalise_database_url(env.text("DATABASE_URL", default_db))
+        if production and self.SQLALCHEMY_DATABASE_URI.startswith("sqlite"):
+            raise ConfigError("DATABASE_URL must point at PostgreSQL when APP_ENV=production")
+        self.DATABASE_STATEMENT_TIMEOUT_MS = env.integer(
+            "DATABASE_STATEMENT_TIMEOUT_MS", 5000, minimum=1
+        )
+        self.DATABASE_CONNECT_TIMEOUT_SECONDS = env.integer(
+            "DATABASE_CONNECT_TIMEOUT_SECONDS", 5, minimum=1
+        )
+        self.SQLALCHEMY_ENGINE_OPTIONS = _engine_options(
+            self.SQLALCHEMY_DATABASE_URI,
+            statement_timeout_ms=self.DATABASE_STATEMENT_TIMEOUT_MS,
+            connect_timeout_s=self.DATABASE_CONNECT_TIMEOUT_SECONDS,
+        )
+
+        self.CORS_ORIGINS = env.csv("CORS_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000")
+        if production and "*" in self.CORS_ORIGINS:
+            raise ConfigError("CORS_ORIGINS may not be '*' when APP_ENV=production")
+
+        self.SESSION_RATE_LIMIT = env.text("SESSION_RATE_LIMIT", "10/minute")
+        self.SESSION_RESOURCE_RATE_LIMIT = env.text("SESSION_RESOURCE_RATE_LIMIT", "60/minute")
+        self.RATELIMIT_STORAGE_URI = env.text("RATELIMIT_STORAGE_URI", "memory://")
+        self.RATELIMIT_KEY_PREFIX = env.text("RATELIMIT_KEY_PREFIX", "session-api")
+        self.RATELIMIT_HEADERS_ENABLED = True
+        self.TRUSTED_PROXY_COUNT = env.integer("TRUSTED_PROXY_COUNT", 0)
+
+        self.MAX_JSON_BODY_KB = env.integer("MAX_JSON_BODY_KB", 64, minimum=1)
+        self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024
+
+        self.LOG_LEVEL = env.choice(
+            "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+        ).upper()
+
+        self.OPENAPI_VERSION = "3.1.0"
+        self.OPENAPI_URL_PREFIX = "/api/v1"
+        self.OPENAPI_JSON_PATH = "openapi.json"
+        self.API_TITLE = "Chat session service"
+        self.API_VERSION = "v1"
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The upper-case settings, ready for ``app.config``."""
+        return {key: value for key, value in vars(self).items() if key.isupper()}
+
+
+def _normalise_database_url(url: str) -> str:
+    """Accept the ``postgres://`` scheme that hosting platforms hand out."""
+    if url.startswith("postgres://"):
+        return "postgresql://" + url.removeprefix("postgres://")
+    return url
+
+
+def _engine_options(
+    url: str, *, statement_timeout_ms: int, connect_timeout_s: int
+) -> dict[str, Any]:
+    """Engine options that bound every database wait."""
+    if url.startswith("postgresql"):
+        return {
+            "pool_pre_ping": False,
+            "connect_args": {
+                "connect_timeout": connect_timeout_s,
+                "options": f"-c statement_timeout={statement_timeout_ms}",
+                "application_name": "chat-session-service",
+            },
+        }
+    if url.startswith("sqlite"):
+        # SQLite has no statement timeout; the busy timeout bounds waits for the write lock.
+        return {"connect_args": {"timeout": statement_timeout_ms / 1000}}
+    return {"pool_pre_ping": True}

@@ -1,0 +1,159 @@
+"""Fixtures: real databases (SQLite and PostgreSQL), real Redis, and apps built on them.
+
+PostgreSQL and Redis come from ``TEST_DATABASE_URL`` and ``TEST_REDIS_URL``. Without
+them the tests that need them are skipped, unless ``TEST_REQUIRE_SERVICES=1`` (as
+``.ci/run`` sets), which turns their absence into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+
+import psycopg2
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from flask_migrate import upgrade
+from sqlalchemy import delete, select
+from sqlalchemy.engine import make_url
+
+from app import create_app
+from app.extensions import db
+from app.models import AuditEvent, ChatSession, RetiredSessionUUID
+
+RUN_ID = uuid.uuid4().hex[:10]
+RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
+JSON_HEADERS = {"Accept": "application/json; version=v1", "Content-Type": "application/json"}
+
+
+def _service_url(name: str) -> str:
+    url = os.environ.get(name, "").strip()
+    if url:
+        return url
+    message = f"{name} is not set"
+    if os.environ.get("TEST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message}, and TEST_REQUIRE_SERVICES=1 makes that a failure")
+    pytest.skip(f"{message}; set it to run these tests")
+
+
+def _run_admin_statement(url: str, statement: str) -> None:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with closing(psycopg2.connect(dsn)) as connection:
+        connection.autocommit = True
+        connection.cursor().execute(statement)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database created for this test run and dropped after it."""
+    admin_url = _service_url("TEST_DATABASE_URL")
+    name = f"session_service_test_{RUN_ID}_{os.getpid()}"
+    _run_admin_statement(admin_url, f'CREATE DATABASE "{name}"')
+    yield (
+        make_url(admin_url)
+        .set(drivername="postgresql+psycopg2", database=name)
+        .render_as_string(hide_password=False)
+    )
+    _run_admin_statement(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    url = _service_url("TEST_REDIS_URL")
+    yield url
+    _clear_rate_limits(url)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    """Redis, with this run's rate-limit counters cleared."""
+    _clear_rate_limits(redis_server_url)
+    return redis_server_url
+
+
+def _clear_rate_limits(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=f"*{RATE_LIMIT_PREFIX}*"):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return "sqlite:///" + str(tmp_path_factory.mktemp("sqlite") / "sessions.sqlite3")
+
+
+_migrated: set[str] = set()
+
+
+def base_env(database_url: str, **overrides: str) -> dict[str, str]:
+    """The environment a test app is built from."""
+    env = {
+        "APP_ENV": "development",
+        "SECRET_KEY": "test-secret-key",
+        "DATABASE_URL": database_url,
+        # Generous by default so only the rate-limit tests meet the limit.
+        "SESSION_RATE_LIMIT": "1000/minute",
+        "SESSION_RESOURCE_RATE_LIMIT": "1000/minute",
+        "RATELIMIT_STORAGE_URI": "memory://",
+        # flask-limiter keeps the first key prefix it is bound with for the life of the
+        # process, so there is one per test run; Redis tests clear it before they count.
+        "RATELIMIT_KEY_PREFIX": RATE_LIMIT_PREFIX,
+        "LOG_LEVEL": "warning",
+    }
+    env.update(overrides)
+    return env
+
+
+def build_app(database_url: str, **overrides: str) -> Flask:
+    """An app on ``database_url`` with the schema migrated and every table empty."""
+    app = create_app(base_env(database_url, **overrides))
+    app.config["TESTING"] = True
+    with app.app_context():
+        if database_url not in _migrated:
+            upgrade()
+            _migrated.add(database_url)
+        for model in (AuditEvent, RetiredSessionUUID, ChatSession):
+            db.session.execute(delete(model))
+        db.session.commit()
+    return app
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each API and service test runs once on SQLite and once on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[Flask]:
+    application = build_app(database_url)
+    yield application
+    with application.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def audit_rows(app: Flask, event_type: str | None = None) -> list[AuditEvent]:
+    """Audit rows in the order they were written, optionally of one type."""
+    with app.app_context():
+        query = select(AuditEvent).order_by(AuditEvent.id)
+        if event_type is not None:
+            query = query.where(AuditEvent.event_type == event_type)
+        return list(db.session.scalars(query))
+
+
+def session_row(app: Flask, session_uuid: str | uuid.UUID) -> ChatSession | None:
+    with app.app_context():
+        return db.session.get(ChatSession, uuid.UUID(str(session_uuid)))
