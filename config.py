@@ -110,6 +110,31 @@ class Config:
         self.MAX_JSON_BODY_KB = env.integer("MAX_JSON_BODY_KB", 64, minimum=1)
         self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024
 
+        self.STORAGE_BACKEND = env.choice("STORAGE_BACKEND", "local", ("local", "s3"))
+        self.STORAGE_LOCAL_ROOT = env.text(
+            "STORAGE_LOCAL_ROOT", os.path.join(instance_path, "storage")
+        )
+        self.S3_BUCKET = env.optional_text("S3_BUCKET")
+        if self.STORAGE_BACKEND == "s3" and self.S3_BUCKET is None:
+            raise ConfigError("S3_BUCKET is required when STORAGE_BACKEND=s3")
+        self.S3_REGION = env.optional_text("S3_REGION")
+        self.S3_ENDPOINT_URL = env.optional_text("S3_ENDPOINT_URL")
+        self.S3_CONNECT_TIMEOUT_SECONDS = env.integer("S3_CONNECT_TIMEOUT_SECONDS", 3, minimum=1)
+        self.S3_READ_TIMEOUT_SECONDS = env.integer("S3_READ_TIMEOUT_SECONDS", 10, minimum=1)
+        self.S3_MAX_ATTEMPTS = env.integer("S3_MAX_ATTEMPTS", 3, minimum=1)
+        self.DOWNLOAD_URL_EXPIRES_SECONDS = env.integer(
+            "DOWNLOAD_URL_EXPIRES_SECONDS", 900, minimum=1
+        )
+        self.MAX_UPLOAD_MB = env.integer("MAX_UPLOAD_MB", 5, minimum=1)
+        self.MAX_FILES_PER_SESSION = env.integer("MAX_FILES_PER_SESSION", 3, minimum=1)
+        self.UPLOAD_RATE_LIMIT = env.text("UPLOAD_RATE_LIMIT", "30/minute")
+
+        self.SCHEDULER_ENABLED = env.boolean("SCHEDULER_ENABLED", True)
+        self.ORPHAN_SWEEP_INTERVAL_MINUTES = env.integer(
+            "ORPHAN_SWEEP_INTERVAL_MINUTES", 30, minimum=1
+        )
+        self.ORPHAN_MIN_AGE_MINUTES = env.integer("ORPHAN_MIN_AGE_MINUTES", 30)
+
         self.LOG_LEVEL = env.choice(
             "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
         ).upper()
@@ -138,6 +163,8 @@ def _engine_options(
     """Engine options that bound every database wait."""
     if url.startswith("postgresql"):
         return {
+            # No pre-ping (docs/decisions.md): a dead connection costs one 503,
+            # not a round trip on every request.
             "pool_pre_ping": False,
             "connect_args": {
                 "connect_timeout": connect_timeout_s,
@@ -148,4 +175,4 @@ def _engine_options(
     if url.startswith("sqlite"):
         # SQLite has no statement timeout; the busy timeout bounds waits for the write lock.
         return {"connect_args": {"timeout": statement_timeout_ms / 1000}}
-    return {"pool_pre_ping": True}
+    return {}

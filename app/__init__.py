@@ -7,9 +7,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import errors, middleware
+from app import cli, errors, middleware, scheduler, storage
 from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
+from app.routes.files import files_bp
 from app.routes.health import health_bp
 from app.routes.sessions import sessions_bp
 from config import Config
@@ -30,6 +31,8 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
     _register_blueprints(app)
     middleware.init_app(app)
     errors.register_error_handlers(app)
+    cli.init_app(app)
+    scheduler.init_app(app)
     return app
 
 
@@ -46,8 +49,10 @@ def _init_extensions(app: Flask) -> None:
         max_age=600,
     )
     api.init_app(app)
+    storage.init_app(app)
 
 
 def _register_blueprints(app: Flask) -> None:
     api.register_blueprint(sessions_bp)
+    api.register_blueprint(files_bp)
     api.register_blueprint(health_bp)

@@ -50,7 +50,54 @@ class SessionNotFound(DomainError):
 
     status_code = 404
     error = "session_not_found"
-    message = "Invalid session: it does not exist or has ended."
+    message = "This is an invalid session: it does not exist or has ended."
+
+
+class InvalidFileName(DomainError):
+    """Nothing usable is left of the file name after sanitising."""
+
+    error = "invalid_filename"
+    message = "The file name is not usable. Please rename the file and try again."
+
+
+class UnsupportedFileType(DomainError):
+    """The upload is not a PDF."""
+
+    status_code = 415
+    error = "unsupported_file_type"
+    message = "Only PDF files can be uploaded."
+
+
+class FileTooLarge(DomainError):
+    """The upload exceeds the size limit."""
+
+    status_code = 413
+    error = "file_too_large"
+    message = "The file is too large."
+
+
+class FileLimitReached(DomainError):
+    """The session already holds as many files as allowed."""
+
+    status_code = 409
+    error = "file_limit_reached"
+    message = "This session already has the maximum number of files."
+
+
+class FileNotFound(DomainError):
+    """The session has no file of that name."""
+
+    status_code = 404
+    error = "file_not_found"
+    message = "No such file in this session."
+
+
+class StorageUnavailableError(DomainError):
+    """File storage could not be reached; nothing was changed."""
+
+    status_code = 503
+    error = "storage_unavailable"
+    message = "File storage is temporarily unavailable. Please try again later."
 
 
 class UuidGenerationFailed(DomainError):
@@ -118,7 +165,10 @@ def _validation_details(exc: HTTPException) -> dict[str, Any] | None:
 def handle_domain_error(exc: DomainError) -> Response:
     if exc.status_code >= 500:
         log.error("domain failure", extra={"error": exc.error}, exc_info=exc)
-    return error_response(exc.status_code, exc.error, exc.message, exc.details)
+    response = error_response(exc.status_code, exc.error, exc.message, exc.details)
+    if exc.status_code == 503:
+        response.headers["Retry-After"] = "5"
+    return response
 
 
 def handle_http_exception(exc: HTTPException) -> Response:

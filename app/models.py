@@ -129,3 +129,18 @@ class AuditEvent(Base):
         # A session's trail is read newest first by export, the CLI and notifications.
         Index("ix_audit_events_session_uuid_occurred_at", "session_uuid", "occurred_at"),
     )
+
+
+class JobRun(Base):
+    """Coordination record of a background job across every worker and host."""
+
+    __tablename__ = "job_runs"
+
+    job_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Where advisory locks are missing (SQLite), a lease row stands in for them.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_run_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_run_summary: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql")
+    )

@@ -6,6 +6,7 @@ from typing import Any
 
 import marshmallow as ma
 from marshmallow import fields, validate
+from werkzeug.datastructures import FileStorage
 
 # Longer than any UUID spelling, short enough that no one can ship a payload in the field.
 MAX_UUID_FIELD_LENGTH = 64
@@ -105,6 +106,7 @@ class SessionStateSchema(ma.Schema):
     consent_at = fields.AwareDateTime(required=True, allow_none=True)
     email_verified = fields.Boolean(required=True)
     email_masked = fields.String(required=True, allow_none=True)
+    file_count = fields.Integer(required=True)
 
 
 class HealthSchema(ma.Schema):
@@ -115,8 +117,64 @@ class HealthSchema(ma.Schema):
 
 
 class ReadinessSchema(ma.Schema):
-    """Readiness of each dependency."""
+    """Readiness of each dependency, and when the orphan sweep last completed."""
 
     status = fields.String(required=True, validate=validate.OneOf(["success", "error"]))
     message = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    last_orphan_sweep_at = fields.AwareDateTime(required=True, allow_none=True)
+
+
+class UploadSchema(ma.Schema):
+    """A multipart upload: the session and one PDF."""
+
+    session_uuid = _uuid_text(required=True)
+    file = fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
+
+    @ma.validates("file")
+    def _is_a_file(self, value: Any, **kwargs: Any) -> None:
+        if not isinstance(value, FileStorage):
+            raise ma.ValidationError("Send the file as a multipart file part.")
+
+
+class UploadedFileSchema(ma.Schema):
+    """A stored file and a time-limited link to download it."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    filename = fields.String(required=True)
+    url = fields.String(required=True, metadata={"description": "Expires; never public"})
+    size = fields.Integer(required=True)
+    content_type = fields.String(required=True)
+
+
+class DeleteFileRequestSchema(ma.Schema):
+    """Which file of which session to delete."""
+
+    filename = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    session_uuid = _uuid_text(required=True)
+
+
+class MessageSchema(ma.Schema):
+    """A plain success."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+
+
+class SessionFileSchema(ma.Schema):
+    """One file of a session."""
+
+    filename = fields.String(required=True)
+    size = fields.Integer(required=True)
+    content_type = fields.String(required=True)
+    uploaded_at = fields.AwareDateTime(required=True)
+    url = fields.String(required=True)
+
+
+class SessionFilesSchema(ma.Schema):
+    """A session's files."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    files = fields.List(fields.Nested(SessionFileSchema), required=True)

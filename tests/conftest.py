@@ -8,6 +8,7 @@ them the tests that need them are skipped, unless ``TEST_REQUIRE_SERVICES=1`` (a
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -23,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.extensions import db
-from app.models import AuditEvent, ChatSession, RetiredSessionUUID
+from app.models import AuditEvent, ChatSession, JobRun, RetiredSessionUUID
 
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
@@ -106,6 +107,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         # process, so there is one per test run; Redis tests clear it before they count.
         "RATELIMIT_KEY_PREFIX": RATE_LIMIT_PREFIX,
         "LOG_LEVEL": "warning",
+        "SCHEDULER_ENABLED": "false",
+        "STORAGE_LOCAL_ROOT": tempfile.mkdtemp(prefix="storage-"),
     }
     env.update(overrides)
     return env
@@ -119,7 +122,7 @@ def build_app(database_url: str, **overrides: str) -> Flask:
         if database_url not in _migrated:
             upgrade()
             _migrated.add(database_url)
-        for model in (AuditEvent, RetiredSessionUUID, ChatSession):
+        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun):
             db.session.execute(delete(model))
         db.session.commit()
     return app
@@ -157,3 +160,45 @@ def audit_rows(app: Flask, event_type: str | None = None) -> list[AuditEvent]:
 def session_row(app: Flask, session_uuid: str | uuid.UUID) -> ChatSession | None:
     with app.app_context():
         return db.session.get(ChatSession, uuid.UUID(str(session_uuid)))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server speaking the real protocol over HTTP on a free port."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.servers import free_port
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Settings for the S3 backend on a fresh bucket at ``endpoint``."""
+    import boto3
+
+    bucket = f"uploads-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return {
+        "STORAGE_BACKEND": "s3",
+        "S3_BUCKET": bucket,
+        "S3_ENDPOINT_URL": endpoint,
+        "S3_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings for each storage backend in turn."""
+    if request.param == "local":
+        return {"STORAGE_BACKEND": "local", "STORAGE_LOCAL_ROOT": tempfile.mkdtemp(prefix="files-")}
+    return s3_env(request.getfixturevalue("s3_endpoint"))

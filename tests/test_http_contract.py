@@ -284,7 +284,8 @@ def test_health_and_readiness(client: FlaskClient) -> None:
     assert client.get("/health").get_json()["status"] == "success"
     ready = client.get("/ready")
     assert ready.status_code == 200
-    assert ready.get_json()["checks"] == {"database": "ok"}
+    assert ready.get_json()["checks"] == {"database": "ok", "storage": "ok"}
+    assert ready.get_json()["last_orphan_sweep_at"] is None
 
 
 def test_an_unreachable_database_answers_503_json_and_fails_readiness() -> None:
@@ -296,7 +297,7 @@ def test_an_unreachable_database_answers_503_json_and_fails_readiness() -> None:
     issued = client.post("/api/v1/generate-uuid", headers=JSON_HEADERS)
 
     assert ready.status_code == 503
-    assert ready.get_json()["checks"] == {"database": "unavailable"}
+    assert ready.get_json()["checks"]["database"] == "unavailable"
     assert issued.status_code == 503
     body = issued.get_json()
     assert (body["error"], body["message"]) == ("database_unavailable", GENERAL_ERROR)

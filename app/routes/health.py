@@ -31,5 +31,6 @@ def readiness() -> tuple[dict[str, Any], int]:
         "status": "success" if ready else "error",
         "message": "ready" if ready else "not ready",
         "checks": checks,
+        "last_orphan_sweep_at": health.last_orphan_sweep(),
     }
     return body, 200 if ready else 503

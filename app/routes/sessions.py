@@ -94,7 +94,8 @@ def persist_session(body: dict[str, Any]) -> dict[str, Any]:
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def get_session(session_uuid: uuid.UUID) -> dict[str, Any]:
     """The session's state, times, consent and masked e-mail."""
-    chat_session = chat_sessions.describe(session_uuid)
+    overview = chat_sessions.describe(session_uuid)
+    chat_session = overview.chat_session
     return {
         "status": "success",
         "message": "Session found.",
@@ -107,4 +108,5 @@ def get_session(session_uuid: uuid.UUID) -> dict[str, Any]:
         "consent_at": chat_session.consent_at,
         "email_verified": chat_session.email_verified,
         "email_masked": mask_email(chat_session.email),
+        "file_count": overview.file_count,
     }

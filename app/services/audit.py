@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,16 +35,29 @@ def record(
 
     ``details`` must never carry personal data (names, e-mail addresses, codes).
     """
+    record_many(event_type, context, [(session_uuid, details)])
+
+
+def record_many(
+    event_type: str,
+    context: AuditContext,
+    events: Sequence[tuple[uuid.UUID | None, Mapping[str, object]]],
+) -> None:
+    """Add one audit row per (session UUID, details) pair, in a single statement."""
+    occurred_at = utcnow()
     db.session.execute(
         _INSERT,
-        {
-            "occurred_at": utcnow(),
-            "event_type": event_type,
-            "session_uuid": session_uuid,
-            "client_ip": context.client_ip,
-            "correlation_id": context.correlation_id,
-            "details": details,
-        },
+        [
+            {
+                "occurred_at": occurred_at,
+                "event_type": event_type,
+                "session_uuid": session_uuid,
+                "client_ip": context.client_ip,
+                "correlation_id": context.correlation_id,
+                "details": details,
+            }
+            for session_uuid, details in events
+        ],
     )
 
 

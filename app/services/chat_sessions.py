@@ -26,11 +26,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningInsert
 
 from app.clock import utcnow
-from app.errors import ConsentRequired, InvalidRequest, SessionNotFound, UuidGenerationFailed
+from app.errors import (
+    ConsentRequired,
+    InvalidRequest,
+    SessionNotFound,
+    StorageUnavailableError,
+    UuidGenerationFailed,
+)
 from app.extensions import db
 from app.models import ChatSession, RetiredSessionUUID, SessionState
 from app.services import audit
 from app.services.audit import AuditContext
+from app.storage import StorageUnavailable, current_storage, session_objects
 
 GENERATION_ATTEMPTS = 3
 
@@ -95,12 +102,34 @@ def validate(raw: str, context: AuditContext) -> ValidationResult:
     return ValidationResult(Verdict.SUCCESS, session_uuid, registered=registered)
 
 
-def describe(session_uuid: uuid.UUID) -> ChatSession:
-    """A live session, with its last-seen time touched."""
+@dataclass(frozen=True)
+class SessionOverview:
+    """A live session and how many files it holds."""
+
+    chat_session: ChatSession
+    file_count: int
+
+
+def describe(session_uuid: uuid.UUID) -> SessionOverview:
+    """A live session and its file count, with its last-seen time touched."""
     chat_session = _live_session(session_uuid)
     chat_session.last_seen_at = utcnow()
     db.session.commit()
-    return chat_session
+    try:
+        file_count = len(session_objects(current_storage(), session_uuid))
+    except StorageUnavailable as exc:
+        raise StorageUnavailableError() from exc
+    return SessionOverview(chat_session, file_count)
+
+
+def lock_live_session(session_uuid: uuid.UUID) -> None:
+    """Touch a live session and hold its row until the caller commits; SessionNotFound if none.
+
+    On PostgreSQL the UPDATE takes the row lock; on SQLite it takes the database write lock.
+    Either way, operations on one session that start with this run one at a time.
+    """
+    if session_uuid.version != 4 or not _touch(session_uuid, utcnow()):
+        raise SessionNotFound()
 
 
 def persist(

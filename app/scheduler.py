@@ -1,0 +1,50 @@
+"""The in-process scheduler: every worker runs one; the database lets one run per interval win."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from flask import Flask
+
+from app import jobs
+from app.extensions import db
+
+log = logging.getLogger(__name__)
+
+
+def init_app(app: Flask) -> None:
+    """Start the scheduler unless SCHEDULER_ENABLED is off.
+
+    Jobs first fire one interval after start-up, so short-lived processes (``flask db
+    upgrade`` and other CLI commands) never start one.
+    """
+    if not app.config["SCHEDULER_ENABLED"]:
+        return
+    # A daemon thread: it ends with the process, and every job is safe to cut short.
+    scheduler = BackgroundScheduler(daemon=True, timezone=UTC)
+    scheduler.add_job(
+        _in_app_context(app, "orphan_sweep", lambda: jobs.run_orphan_sweep(scheduled=True)),
+        "interval",
+        minutes=app.config["ORPHAN_SWEEP_INTERVAL_MINUTES"],
+        id="orphan_sweep",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.start()
+    app.extensions["scheduler"] = scheduler
+
+
+def _in_app_context(app: Flask, name: str, job: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        with app.app_context():
+            try:
+                job()
+            except Exception:
+                db.session.rollback()
+                log.exception("scheduled job failed", extra={"job": name})
+
+    return run

@@ -1,0 +1,193 @@
+"""A session's uploaded files: storage is the source of truth for which files exist."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+from flask import current_app
+from werkzeug.utils import secure_filename
+
+from app.clock import utcnow
+from app.errors import (
+    FileLimitReached,
+    FileNotFound,
+    FileTooLarge,
+    InvalidFileName,
+    SessionNotFound,
+    StorageUnavailableError,
+    UnsupportedFileType,
+)
+from app.extensions import db
+from app.services import audit, chat_sessions
+from app.services.audit import AuditContext
+from app.storage import (
+    Storage,
+    StorageUnavailable,
+    current_storage,
+    session_objects,
+    session_prefix,
+)
+from app.storage.local import LocalStorage
+
+PDF_MAGIC = b"%PDF-"
+PDF_CONTENT_TYPE = "application/pdf"
+MAX_FILENAME_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class SessionFile:
+    """A stored file as the API shows it."""
+
+    filename: str
+    size: int
+    uploaded_at: datetime
+    url: str
+    content_type: str = PDF_CONTENT_TYPE
+
+
+def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContext) -> SessionFile:
+    """Store a PDF in the session's folder, within the size and file-count limits."""
+    session_uuid = chat_sessions.parse_uuid4(raw_uuid)
+    rejected = _Rejection(context, session_uuid)
+    if session_uuid is None:
+        rejected("session_not_found", SessionNotFound())
+    try:
+        chat_sessions.lock_live_session(session_uuid)
+    except SessionNotFound as exc:
+        rejected("session_not_found", exc)
+
+    name = safe_filename(filename)
+    if name is None:
+        rejected("invalid_filename", InvalidFileName())
+    size = _size(body)
+    if not name.lower().endswith(".pdf") or body.read(len(PDF_MAGIC)) != PDF_MAGIC:
+        rejected("unsupported_file_type", UnsupportedFileType())
+    body.seek(0)
+    max_bytes = current_app.config["MAX_UPLOAD_MB"] * 1024 * 1024
+    if size > max_bytes:
+        rejected("file_too_large", FileTooLarge())
+
+    storage = current_storage()
+    key = session_prefix(session_uuid) + name
+    try:
+        existing = {stored.key for stored in session_objects(storage, session_uuid)}
+        if key not in existing and len(existing) >= current_app.config["MAX_FILES_PER_SESSION"]:
+            rejected("file_limit_reached", FileLimitReached())
+        storage.put(key, body, PDF_CONTENT_TYPE)
+        url = _download_url(storage, key, name)
+    except StorageUnavailable as exc:
+        rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
+    audit.record(
+        "file_uploaded",
+        context,
+        session_uuid,
+        file_ref=file_ref(name),
+        size=size,
+        replaced=key in existing,
+    )
+    db.session.commit()
+    return SessionFile(name, size, utcnow(), url)
+
+
+def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
+    """Delete one file from the session's folder."""
+    session_uuid = chat_sessions.parse_uuid4(raw_uuid)
+    if session_uuid is None:
+        raise SessionNotFound()
+    chat_sessions.lock_live_session(session_uuid)
+    name = safe_filename(filename)
+    if name is None:
+        raise FileNotFound()
+    storage = current_storage()
+    key = session_prefix(session_uuid) + name
+    try:
+        if key not in {stored.key for stored in session_objects(storage, session_uuid)}:
+            raise FileNotFound()
+        failed = storage.delete_many([key])
+    except StorageUnavailable as exc:
+        db.session.rollback()
+        raise StorageUnavailableError() from exc
+    if failed:
+        db.session.rollback()
+        raise StorageUnavailableError()
+    audit.record("file_deleted", context, session_uuid, file_ref=file_ref(name))
+    db.session.commit()
+
+
+def list_files(session_uuid: uuid.UUID) -> list[SessionFile]:
+    """The session's files with time-limited download links."""
+    chat_sessions.lock_live_session(session_uuid)
+    db.session.commit()
+    storage = current_storage()
+    try:
+        return [
+            SessionFile(
+                name,
+                stored.size,
+                stored.last_modified,
+                _download_url(storage, stored.key, name),
+            )
+            for stored in session_objects(storage, session_uuid)
+            if (name := stored.key.rpartition("/")[2])
+        ]
+    except StorageUnavailable as exc:
+        raise StorageUnavailableError() from exc
+
+
+def open_download(token: str) -> tuple[Path, str]:
+    """The local file a signed download link names; FileNotFound if forged, expired or gone."""
+    storage = current_storage()
+    found = storage.open_signed(token) if isinstance(storage, LocalStorage) else None
+    if found is None:
+        raise FileNotFound()
+    return found
+
+
+def safe_filename(filename: str) -> str | None:
+    """A name safe as the last part of a key, or None if nothing usable remains.
+
+    Stem and extension are cleaned apart, so a stem that cleans away entirely
+    (``日本.pdf``) is refused rather than leaving a file called ``pdf``.
+    """
+    base, extension = os.path.splitext(filename.replace("\\", "/").rpartition("/")[2])
+    stem = secure_filename(base)
+    if not stem:
+        return None
+    extension = "." + secure_filename(extension[1:]) if extension[1:] else ""
+    return stem[: MAX_FILENAME_LENGTH - len(extension)] + extension
+
+
+def file_ref(name: str) -> str:
+    """A stable reference to a file name for the audit trail, which keeps no names."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _download_url(storage: Storage, key: str, name: str) -> str:
+    return storage.download_url(key, current_app.config["DOWNLOAD_URL_EXPIRES_SECONDS"], name)
+
+
+def _size(body: BinaryIO) -> int:
+    body.seek(0, os.SEEK_END)
+    size = body.tell()
+    body.seek(0)
+    return size
+
+
+class _Rejection:
+    """Audit why an upload was refused, commit that record, and raise the matching error."""
+
+    def __init__(self, context: AuditContext, session_uuid: uuid.UUID | None) -> None:
+        self.context = context
+        self.session_uuid = session_uuid
+
+    def __call__(self, reason: str, error: Exception, cause: Exception | None = None) -> NoReturn:
+        db.session.rollback()
+        audit.record("file_upload_rejected", self.context, self.session_uuid, reason=reason)
+        db.session.commit()
+        raise error from cause

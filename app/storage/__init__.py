@@ -1,0 +1,93 @@
+"""Object storage behind one small interface, in the service's own vocabulary.
+
+Two backends implement it: S3 (``s3.py``, the only module that imports boto3) and a
+local directory (``local.py``). Keys look like ``uploads/<session uuid>/<file name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+from flask import Flask, current_app
+
+UPLOADS_PREFIX = "uploads/"
+# S3 deletes at most this many keys per request; both backends page and batch by it.
+BATCH_SIZE = 1000
+
+
+class StorageUnavailable(Exception):
+    """The storage backend could not be reached or refused the operation."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing reports it."""
+
+    key: str
+    size: int
+    last_modified: datetime
+
+
+class Storage(Protocol):
+    """What the service needs from object storage."""
+
+    def list_pages(self, prefix: str) -> Iterator[list[StoredObject]]:
+        """Objects under ``prefix`` in key order, at most ``BATCH_SIZE`` per page."""
+        ...
+
+    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+        """Store ``body`` at ``key`` atomically: readers see the old object or the whole new one."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """Delete ``keys``; returns the keys that could not be deleted, with the reason."""
+        ...
+
+    def download_url(self, key: str, expires_in: int, filename: str) -> str:
+        """A link that downloads ``key`` for ``expires_in`` seconds."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless the backend answers."""
+        ...
+
+
+def session_prefix(session_uuid: object) -> str:
+    """The folder holding one session's files."""
+    return f"{UPLOADS_PREFIX}{session_uuid}/"
+
+
+def session_objects(storage: Storage, session_uuid: object) -> list[StoredObject]:
+    """Every object in one session's folder (a handful: the file limit is small)."""
+    return [stored for page in storage.list_pages(session_prefix(session_uuid)) for stored in page]
+
+
+def init_app(app: Flask) -> None:
+    """Build the configured backend and keep it on the app."""
+    config = app.config
+    storage: Storage
+    if config["STORAGE_BACKEND"] == "s3":
+        from app.storage.s3 import S3Storage
+
+        storage = S3Storage(
+            bucket=config["S3_BUCKET"],
+            region=config["S3_REGION"],
+            endpoint_url=config["S3_ENDPOINT_URL"],
+            connect_timeout=config["S3_CONNECT_TIMEOUT_SECONDS"],
+            read_timeout=config["S3_READ_TIMEOUT_SECONDS"],
+            max_attempts=config["S3_MAX_ATTEMPTS"],
+        )
+    else:
+        from app.storage.local import LocalStorage
+
+        storage = LocalStorage(config["STORAGE_LOCAL_ROOT"], secret_key=config["SECRET_KEY"])
+    app.extensions["storage"] = storage
+
+
+def current_storage() -> Storage:
+    """The storage backend of the current app."""
+    storage: Storage = current_app.extensions["storage"]
+    return storage

@@ -1,0 +1,131 @@
+"""A local directory standing in for object storage (the embedded default)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from flask import url_for
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
+
+_SIGNING_SALT = "local-storage-download"
+
+
+class LocalStorage:
+    """Keys are paths below ``root``; download links are signed, expiring app URLs."""
+
+    def __init__(self, root: str, *, secret_key: str) -> None:
+        self.root = Path(root).resolve()
+        self._signer = URLSafeTimedSerializer(secret_key, salt=_SIGNING_SALT)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"key {key!r} escapes the storage root")
+        return path
+
+    def list_pages(self, prefix: str) -> Iterator[list[StoredObject]]:
+        page: list[StoredObject] = []
+        try:
+            for key in self._keys_in_order(prefix):
+                try:
+                    stat = self._path(key).stat()
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                page.append(StoredObject(key, stat.st_size, modified))
+                if len(page) == BATCH_SIZE:
+                    yield page
+                    page = []
+        except OSError as exc:
+            raise StorageUnavailable(f"listing {prefix!r} failed: {exc}") from exc
+        if page:
+            yield page
+
+    def _keys_in_order(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` in the byte order S3 lists them, walking lazily."""
+        directory, _, name_start = prefix.rpartition("/")
+        base = self._path(directory) if directory else self.root
+        if not base.is_dir():
+            return
+        yield from self._walk(base, f"{directory}/" if directory else "", name_start)
+
+    def _walk(self, directory: Path, key_prefix: str, name_start: str) -> Iterator[str]:
+        # A directory sorts as if its name ended in "/", which is where its keys fall.
+        entries = sorted(
+            (entry.name + ("/" if entry.is_dir() else ""), entry)
+            for entry in os.scandir(directory)
+            if entry.name.startswith(name_start) and not entry.name.startswith(".")
+        )
+        for sort_name, entry in entries:
+            if sort_name.endswith("/"):
+                yield from self._walk(Path(entry.path), f"{key_prefix}{entry.name}/", "")
+            else:
+                yield f"{key_prefix}{entry.name}"
+
+    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write beside the target and rename: a reader never sees half a file.
+            handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+            try:
+                with os.fdopen(handle, "wb") as temp:
+                    shutil.copyfileobj(body, temp)
+                os.replace(temp_name, path)
+            except BaseException:
+                os.unlink(temp_name)
+                raise
+        except OSError as exc:
+            raise StorageUnavailable(f"storing {key!r} failed: {exc}") from exc
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                failed[key] = str(exc)
+                continue
+            self._remove_empty_parents(path.parent)
+        return failed
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and directory.is_relative_to(self.root):
+            try:
+                directory.rmdir()
+            except OSError:
+                return
+            directory = directory.parent
+
+    def download_url(self, key: str, expires_in: int, filename: str) -> str:
+        token = self._signer.dumps({"key": key, "ttl": expires_in})
+        return url_for("files.download", token=token, _external=True)
+
+    def open_signed(self, token: str) -> tuple[Path, str] | None:
+        """The file a download token names, or None if the token is forged, expired or stale."""
+        try:
+            claims, signed_at = self._signer.loads(token, return_timestamp=True)
+            expired = datetime.now(UTC) - signed_at > timedelta(seconds=int(claims["ttl"]))
+        except (BadSignature, KeyError, TypeError, ValueError):
+            return None
+        if expired:
+            return None
+        path = self._path(str(claims["key"]))
+        return (path, path.name) if path.is_file() else None
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
+                pass
+        except OSError as exc:
+            raise StorageUnavailable(f"storage root {self.root} unusable: {exc}") from exc

@@ -1,0 +1,94 @@
+"""S3 (or any S3-compatible server) through boto3."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
+
+
+class S3Storage:
+    """Objects in one bucket; every call bounded by timeouts and standard retries."""
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        region: str | None,
+        endpoint_url: str | None,
+        connect_timeout: int,
+        read_timeout: int,
+        max_attempts: int,
+    ) -> None:
+        self.bucket = bucket
+        self._client: Any = boto3.client(
+            "s3",
+            region_name=region,
+            endpoint_url=endpoint_url,
+            config=BotoConfig(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                signature_version="s3v4",
+            ),
+        )
+
+    def list_pages(self, prefix: str) -> Iterator[list[StoredObject]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": BATCH_SIZE}
+        )
+        try:
+            for page in pages:
+                yield [
+                    StoredObject(item["Key"], item["Size"], item["LastModified"])
+                    for item in page.get("Contents", [])
+                ]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"listing {prefix!r} failed: {exc}") from exc
+
+    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"storing {key!r} failed: {exc}") from exc
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for start in range(0, len(keys), BATCH_SIZE):
+            chunk = keys[start : start + BATCH_SIZE]
+            try:
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise StorageUnavailable(f"deleting {len(chunk)} keys failed: {exc}") from exc
+            for error in response.get("Errors", []):
+                failed[error["Key"]] = f"{error.get('Code')}: {error.get('Message')}"
+        return failed
+
+    def download_url(self, key: str, expires_in: int, filename: str) -> str:
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": key,
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+            ExpiresIn=expires_in,
+        )
+        return url
+
+    def check(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"bucket {self.bucket!r} unreachable: {exc}") from exc

@@ -1,0 +1,112 @@
+"""A reverse proxy in front of an S3 server that counts requests by operation and can inject faults.
+
+The app talks real S3 protocol to it; the proxy forwards every request to the real server
+unless a fault rule answers first.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+# (operation, path, body) -> None to forward, or (status, body) to answer instead.
+FaultRule = Callable[[str, str, bytes], tuple[int, bytes] | None]
+
+
+def operation(method: str, path: str) -> str:
+    """The S3 operation a request performs, as far as this service uses S3."""
+    parts = urlsplit(path)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    has_key = parts.path.strip("/").count("/") >= 1
+    if method == "GET" and "list-type" in query:
+        return "ListObjectsV2"
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects"
+    if method == "PUT":
+        return "PutObject" if has_key else "CreateBucket"
+    if method == "HEAD":
+        return "HeadObject" if has_key else "HeadBucket"
+    if method == "GET":
+        return "GetObject"
+    if method == "DELETE":
+        return "DeleteObject"
+    return f"{method} other"
+
+
+class S3Proxy:
+    """Counts and optionally fails the requests it forwards to ``upstream``."""
+
+    def __init__(self, upstream: str) -> None:
+        target = urlsplit(upstream)
+        self.upstream_host = target.hostname or "127.0.0.1"
+        self.upstream_port = target.port or 80
+        self.counts: Counter[str] = Counter()
+        self.fault: FaultRule | None = None
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                return
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                name = operation(self.command, self.path)
+                with proxy._lock:
+                    proxy.counts[name] += 1
+                answer = proxy.fault(name, self.path, body) if proxy.fault else None
+                if answer is not None:
+                    status, payload = answer
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                upstream = http.client.HTTPConnection(
+                    proxy.upstream_host, proxy.upstream_port, timeout=30
+                )
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        return Handler
+
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        """Listen on a free loopback port; yields the proxy's endpoint URL."""
+        server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,320 @@
+"""Upload, delete and list, on both databases and both storage backends."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app.services.files import file_ref, safe_filename
+from app.storage import current_storage, session_objects
+from tests.conftest import JSON_HEADERS, audit_rows, base_env, build_app
+from tests.servers import app_process, free_port
+
+PDF = b"%PDF-1.7\n" + b"0" * 2048 + b"\n%%EOF\n"
+
+
+@pytest.fixture
+def files_app(database_url: str, storage_env: dict[str, str]) -> Flask:
+    return build_app(database_url, **storage_env)
+
+
+@pytest.fixture
+def files_client(files_app: Flask) -> FlaskClient:
+    return files_app.test_client()
+
+
+def new_session(client: FlaskClient) -> str:
+    return str(client.post("/api/v1/generate-uuid", headers=JSON_HEADERS).get_json()["uuid"])
+
+
+def upload(client: FlaskClient, session_uuid: str, name: str = "cv.pdf", data: bytes = PDF):
+    return client.post(
+        "/api/v1/upload",
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(data), name)},
+        content_type="multipart/form-data",
+    )
+
+
+def stored_names(app: Flask, session_uuid: str) -> list[str]:
+    with app.app_context():
+        return [o.key.rpartition("/")[2] for o in session_objects(current_storage(), session_uuid)]
+
+
+def download(client: FlaskClient, url: str) -> bytes:
+    """Follow a download URL: an app route for local storage, S3 itself for presigned URLs."""
+    parts = urlsplit(url)
+    if parts.path.startswith("/api/v1/files/"):
+        response = client.get(parts.path)
+        assert response.status_code == 200
+        return response.data
+    fetched = requests.get(url, timeout=10)
+    assert fetched.status_code == 200
+    return fetched.content
+
+
+def test_upload_stores_a_pdf_with_a_working_time_limited_link(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    session_uuid = new_session(files_client)
+
+    response = upload(files_client, session_uuid, "My CV (final).pdf")
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "success"
+    assert (body["filename"], body["size"], body["content_type"]) == (
+        "My_CV_final.pdf",
+        len(PDF),
+        "application/pdf",
+    )
+    assert download(files_client, body["url"]) == PDF
+    assert "Expires=" in body["url"] or "X-Amz-Expires=" in body["url"] or "/files/" in body["url"]
+    assert stored_names(files_app, session_uuid) == ["My_CV_final.pdf"]
+    [event] = audit_rows(files_app, "file_uploaded")
+    assert event.details == {
+        "file_ref": file_ref("My_CV_final.pdf"),
+        "size": len(PDF),
+        "replaced": False,
+    }
+    assert "CV" not in str(event.details)
+
+
+def test_upload_to_an_unknown_session_is_refused(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    for session_uuid in (str(uuid.uuid4()), "not-a-uuid"):
+        response = upload(files_client, session_uuid)
+
+        assert response.status_code == 404
+        body = response.get_json()
+        assert body["error"] == "session_not_found"
+        assert "invalid session" in body["message"]
+    reasons = [event.details["reason"] for event in audit_rows(files_app, "file_upload_rejected")]
+    assert reasons == ["session_not_found", "session_not_found"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("notes.txt", PDF), ("fake.pdf", b"PK\x03\x04 a zip"), ("empty.pdf", b"")],
+)
+def test_anything_but_a_pdf_is_unsupported(
+    files_app: Flask, files_client: FlaskClient, name: str, data: bytes
+) -> None:
+    session_uuid = new_session(files_client)
+
+    response = upload(files_client, session_uuid, name, data)
+
+    assert response.status_code == 415
+    assert response.get_json()["error"] == "unsupported_file_type"
+    assert stored_names(files_app, session_uuid) == []
+    [event] = audit_rows(files_app, "file_upload_rejected")
+    assert event.details == {"reason": "unsupported_file_type"}
+
+
+def test_a_file_over_the_limit_is_refused(database_url: str, storage_env: dict[str, str]) -> None:
+    app = build_app(database_url, MAX_UPLOAD_MB="1", **storage_env)
+    client = app.test_client()
+    session_uuid = new_session(client)
+
+    just_over = upload(client, session_uuid, data=PDF + b"0" * (1024 * 1024))
+    far_over = upload(client, session_uuid, data=PDF + b"0" * (3 * 1024 * 1024))
+
+    for response in (just_over, far_over):
+        assert response.status_code == 413
+        assert response.get_json()["error"] == "file_too_large"
+    assert stored_names(app, session_uuid) == []
+
+
+def test_a_fourth_file_is_refused_but_a_same_name_upload_replaces(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    session_uuid = new_session(files_client)
+    for name in ("a.pdf", "b.pdf", "c.pdf"):
+        assert upload(files_client, session_uuid, name).status_code == 200
+
+    fourth = upload(files_client, session_uuid, "d.pdf")
+    replaced = upload(files_client, session_uuid, "b.pdf", PDF + b"v2")
+
+    assert fourth.status_code == 409
+    assert fourth.get_json()["error"] == "file_limit_reached"
+    assert replaced.status_code == 200
+    assert replaced.get_json()["size"] == len(PDF) + 2
+    assert stored_names(files_app, session_uuid) == ["a.pdf", "b.pdf", "c.pdf"]
+    assert audit_rows(files_app, "file_uploaded")[-1].details["replaced"] is True
+
+
+@pytest.mark.parametrize("name", ["...", "日本語.pdf", "/"])
+def test_an_unusable_name_is_refused(files_client: FlaskClient, name: str) -> None:
+    response = upload(files_client, new_session(files_client), name)
+
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_filename"
+
+
+def test_names_are_sanitised() -> None:
+    assert safe_filename("../../etc/passwd.pdf") == "passwd.pdf"
+    assert safe_filename("C:\\Users\\me\\cv.pdf") == "cv.pdf"
+    assert safe_filename("a" * 300 + ".pdf") == "a" * 196 + ".pdf"
+    assert safe_filename("...") is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("session_uuid",),
+        ("file",),
+        ("session_uuid", "file_as_text"),
+        ("session_uuid", "file", "extra"),
+    ],
+)
+def test_malformed_uploads_answer_400(files_client: FlaskClient, fields: tuple[str, ...]) -> None:
+    parts: dict[str, dict[str, object]] = {
+        "session_uuid": {"session_uuid": "x"},
+        "file": {"file": (io.BytesIO(PDF), "cv.pdf")},
+        "file_as_text": {"file": "not a file part"},
+        "extra": {"extra": "1"},
+    }
+    form = {key: value for field in fields for key, value in parts[field].items()}
+    response = files_client.post("/api/v1/upload", data=form, content_type="multipart/form-data")
+
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_request"
+
+
+def test_unreachable_storage_answers_503_and_writes_nothing(database_url: str) -> None:
+    app = build_app(
+        database_url,
+        STORAGE_BACKEND="s3",
+        S3_BUCKET="nowhere",
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        S3_REGION="us-east-1",
+        S3_CONNECT_TIMEOUT_SECONDS="1",
+        S3_MAX_ATTEMPTS="1",
+    )
+    client = app.test_client()
+    session_uuid = new_session(client)
+
+    response = upload(client, session_uuid)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "storage_unavailable"
+    assert response.headers["Retry-After"]
+    assert audit_rows(app, "file_uploaded") == []
+    [event] = audit_rows(app, "file_upload_rejected")
+    assert event.details == {"reason": "storage_unavailable"}
+    ready = client.get("/ready")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["storage"] == "unavailable"
+
+
+def test_delete_removes_the_file_once(files_app: Flask, files_client: FlaskClient) -> None:
+    session_uuid = new_session(files_client)
+    upload(files_client, session_uuid, "a.pdf")
+    upload(files_client, session_uuid, "b.pdf")
+    body = {"filename": "a.pdf", "session_uuid": session_uuid}
+
+    first = files_client.delete("/api/v1/delete", json=body, headers=JSON_HEADERS)
+    second = files_client.delete("/api/v1/delete", json=body, headers=JSON_HEADERS)
+
+    assert first.status_code == 200
+    assert first.get_json()["status"] == "success"
+    assert second.status_code == 404
+    assert second.get_json()["error"] == "file_not_found"
+    assert stored_names(files_app, session_uuid) == ["b.pdf"]
+    [event] = audit_rows(files_app, "file_deleted")
+    assert event.details == {"file_ref": file_ref("a.pdf")}
+
+
+def test_delete_in_an_unknown_session_is_not_found(files_client: FlaskClient) -> None:
+    response = files_client.delete(
+        "/api/v1/delete",
+        json={"filename": "a.pdf", "session_uuid": str(uuid.uuid4())},
+        headers=JSON_HEADERS,
+    )
+
+    assert response.status_code == 404
+    assert response.get_json()["error"] == "session_not_found"
+
+
+def test_listing_shows_each_file_with_a_link(files_client: FlaskClient) -> None:
+    session_uuid = new_session(files_client)
+    upload(files_client, session_uuid, "b.pdf")
+    upload(files_client, session_uuid, "a.pdf", PDF + b"longer")
+
+    response = files_client.get(f"/api/v1/session/{session_uuid}/files")
+    overview = files_client.get(f"/api/v1/session/{session_uuid}")
+
+    assert response.status_code == 200
+    listed = response.get_json()["files"]
+    assert [(f["filename"], f["size"]) for f in listed] == [
+        ("a.pdf", len(PDF) + 6),
+        ("b.pdf", len(PDF)),
+    ]
+    assert download(files_client, listed[1]["url"]) == PDF
+    assert overview.get_json()["file_count"] == 2
+    unknown = files_client.get(f"/api/v1/session/{uuid.uuid4()}/files")
+    assert unknown.status_code == 404
+
+
+def test_a_forged_or_expired_local_link_is_refused(database_url: str) -> None:
+    app = build_app(database_url, DOWNLOAD_URL_EXPIRES_SECONDS="1")
+    client = app.test_client()
+    session_uuid = new_session(client)
+    url = upload(client, session_uuid).get_json()["url"]
+    path = urlsplit(url).path
+
+    forged = client.get(path[:-3] + "abc")
+    assert forged.status_code == 404
+    assert forged.get_json()["error"] == "file_not_found"
+    threading.Event().wait(2.1)  # the link was signed for one second
+    assert client.get(path).status_code == 404
+
+
+def test_concurrent_uploads_never_exceed_the_limit(
+    postgres_url: str, storage_env: dict[str, str]
+) -> None:
+    app = build_app(postgres_url, **storage_env)
+    session_uuid = new_session(app.test_client())
+    start = threading.Barrier(8)
+    statuses: list[int] = []
+
+    def attempt(index: int) -> None:
+        client = app.test_client()
+        start.wait()
+        statuses.append(upload(client, session_uuid, f"f{index}.pdf").status_code)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(statuses) == [200] * 3 + [409] * 5
+    assert len(stored_names(app, session_uuid)) == 3
+
+
+def test_an_endless_body_is_refused_before_it_is_read(database_url: str, tmp_path) -> None:
+    env = base_env(database_url, STORAGE_LOCAL_ROOT=str(tmp_path))
+    build_app(database_url)  # migrate the schema the server process will use
+    with app_process(env) as base_url:
+        issued = requests.post(f"{base_url}/api/v1/generate-uuid", timeout=10).json()["uuid"]
+        host = urlsplit(base_url)
+        connection = http.client.HTTPConnection(host.hostname, host.port, timeout=10)
+        connection.putrequest("POST", "/api/v1/upload")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+        connection.putheader("Content-Length", str(10 * 1024**3))
+        connection.endheaders()
+        connection.send(b"--x\r\n")  # then nothing more: the server must not wait for 10 GiB
+        response = connection.getresponse()
+
+        assert response.status == 413
+        assert b"file_too_large" in response.read()
+        assert issued
