@@ -22,7 +22,7 @@ class _Env:
         self._environ = environ
 
     def text(self, name: str, default: str) -> str:
-        return self._environ.get(name, default).strip()
+        return self._environ.get(name, "").strip() or default
 
     def optional_text(self, name: str) -> str | None:
         value = self._environ.get(name, "").strip()
@@ -128,6 +128,41 @@ class Config:
         self.MAX_UPLOAD_MB = env.integer("MAX_UPLOAD_MB", 5, minimum=1)
         self.MAX_FILES_PER_SESSION = env.integer("MAX_FILES_PER_SESSION", 3, minimum=1)
         self.UPLOAD_RATE_LIMIT = env.text("UPLOAD_RATE_LIMIT", "30/minute")
+
+        self.MAIL_BACKEND = env.choice("MAIL_BACKEND", "console", ("console", "smtp"))
+        if production and self.MAIL_BACKEND == "console":
+            raise ConfigError("MAIL_BACKEND must be smtp when APP_ENV=production")
+        self.SMTP_HOST = env.optional_text("SMTP_HOST")
+        if self.MAIL_BACKEND == "smtp" and self.SMTP_HOST is None:
+            raise ConfigError("SMTP_HOST is required when MAIL_BACKEND=smtp")
+        self.SMTP_PORT = env.integer("SMTP_PORT", 587, minimum=1)
+        self.SMTP_USERNAME = env.optional_text("SMTP_USERNAME")
+        self.SMTP_PASSWORD = env.optional_text("SMTP_PASSWORD")
+        self.SMTP_STARTTLS = env.boolean("SMTP_STARTTLS", True)
+        self.SMTP_SSL = env.boolean("SMTP_SSL", False)
+        if self.SMTP_SSL and self.SMTP_STARTTLS and "SMTP_STARTTLS" in environ:
+            raise ConfigError("SMTP_SSL and SMTP_STARTTLS are exclusive; choose one")
+        self.SMTP_TIMEOUT_SECONDS = env.integer("SMTP_TIMEOUT_SECONDS", 10, minimum=1)
+        self.MAIL_FROM = env.text("MAIL_FROM", "no-reply@localhost")
+        self.SERVICE_NAME = env.text("SERVICE_NAME", "Chat Assistant")
+
+        self.EMAIL_CODE_TTL_MINUTES = env.integer("EMAIL_CODE_TTL_MINUTES", 10, minimum=1)
+        self.EMAIL_CODE_MAX_ATTEMPTS = env.integer("EMAIL_CODE_MAX_ATTEMPTS", 3, minimum=1)
+        self.EMAIL_SEND_COOLDOWN_SECONDS = env.integer("EMAIL_SEND_COOLDOWN_SECONDS", 30)
+        self.EMAIL_SENDS_PER_SESSION_PER_HOUR = env.integer(
+            "EMAIL_SENDS_PER_SESSION_PER_HOUR", 3, minimum=1
+        )
+        self.EMAIL_SENDS_PER_ADDRESS_PER_DAY = env.integer(
+            "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 5, minimum=1
+        )
+        self.EMAIL_RATE_LIMIT = env.text("EMAIL_RATE_LIMIT", "10/minute")
+
+        self.ABANDONED_SESSION_MINUTES = env.integer(
+            "ABANDONED_SESSION_MINUTES", 24 * 60, minimum=1
+        )
+        self.ABANDONED_PURGE_INTERVAL_MINUTES = env.integer(
+            "ABANDONED_PURGE_INTERVAL_MINUTES", 30, minimum=1
+        )
 
         self.SCHEDULER_ENABLED = env.boolean("SCHEDULER_ENABLED", True)
         self.ORPHAN_SWEEP_INTERVAL_MINUTES = env.integer(

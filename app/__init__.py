@@ -7,9 +7,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import cli, errors, middleware, scheduler, storage
+from app import cli, errors, mail, middleware, scheduler, storage
 from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
+from app.routes.email_verification import email_verification_bp
 from app.routes.files import files_bp
 from app.routes.health import health_bp
 from app.routes.sessions import sessions_bp
@@ -50,9 +51,11 @@ def _init_extensions(app: Flask) -> None:
     )
     api.init_app(app)
     storage.init_app(app)
+    mail.init_app(app)
 
 
 def _register_blueprints(app: Flask) -> None:
     api.register_blueprint(sessions_bp)
     api.register_blueprint(files_bp)
+    api.register_blueprint(email_verification_bp)
     api.register_blueprint(health_bp)

@@ -11,16 +11,29 @@ from flask.cli import AppGroup
 from app import jobs
 
 cleanup = AppGroup("cleanup", help="Run a clean-up job now and print its summary.")
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Report what would be deleted; delete nothing."
+)
+
+
+def _print(report: jobs.Report | None, job: str) -> None:
+    if report is None:
+        raise click.ClickException(f"another {job} is running; nothing done")
+    click.echo(json.dumps(report.as_dict(), indent=2))
 
 
 @cleanup.command("orphans")
-@click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
+@dry_run_option
 def orphans(dry_run: bool) -> None:
     """Delete upload folders whose session no longer exists."""
-    report = jobs.run_orphan_sweep(dry_run=dry_run)
-    if report is None:
-        raise click.ClickException("another orphan sweep is running; nothing done")
-    click.echo(json.dumps(report.as_dict(), indent=2))
+    _print(jobs.run_orphan_sweep(dry_run=dry_run), "orphan sweep")
+
+
+@cleanup.command("abandoned")
+@dry_run_option
+def abandoned(dry_run: bool) -> None:
+    """Purge pending sessions idle longer than ABANDONED_SESSION_MINUTES."""
+    _print(jobs.run_abandoned_purge(dry_run=dry_run), "abandoned-session purge")
 
 
 def init_app(app: Flask) -> None:

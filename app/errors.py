@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -142,6 +142,9 @@ def error_response(
     }
     if details:
         body["details"] = details
+    # The e-mail verification screens tell the frontend where to go even on errors.
+    if "error_transition" in g:
+        body["nextTransition"] = g.error_transition
     response = jsonify(body)
     response.status_code = status_code
     return response

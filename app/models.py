@@ -74,6 +74,10 @@ class ChatSession(Base):
     email: Mapped[str | None] = mapped_column(String(254))
     email_verified: Mapped[bool] = mapped_column(default=False)
     client_ip: Mapped[str | None] = mapped_column(String(45))
+    # The current e-mail code, only as a keyed hash; cleared once used.
+    verification_code_hash: Mapped[str | None] = mapped_column(String(64))
+    verification_code_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    verification_attempts_left: Mapped[int | None] = mapped_column()
 
     __table_args__ = (
         # The abandoned-session and retention jobs select by state and idle time.
@@ -143,4 +147,25 @@ class JobRun(Base):
     last_run_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_run_summary: Mapped[dict[str, Any] | None] = mapped_column(
         JSON().with_variant(JSONB(), "postgresql")
+    )
+
+
+class EmailSend(Base):
+    """One verification e-mail sent: the history the sending limits are counted from.
+
+    The address is kept only as a keyed hash, enough to cap sends per address.
+    """
+
+    __tablename__ = "email_sends"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    session_uuid: Mapped[uuid.UUID | None] = mapped_column(Uuid(as_uuid=True))
+    address_hash: Mapped[str] = mapped_column(String(64))
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+    __table_args__ = (
+        Index("ix_email_sends_session_uuid_sent_at", "session_uuid", "sent_at"),
+        Index("ix_email_sends_address_hash_sent_at", "address_hash", "sent_at"),
     )

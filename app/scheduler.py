@@ -26,23 +26,28 @@ def init_app(app: Flask) -> None:
         return
     # A daemon thread: it ends with the process, and every job is safe to cut short.
     scheduler = BackgroundScheduler(daemon=True, timezone=UTC)
-    scheduler.add_job(
-        _in_app_context(app, "orphan_sweep", lambda: jobs.run_orphan_sweep(scheduled=True)),
-        "interval",
-        minutes=app.config["ORPHAN_SWEEP_INTERVAL_MINUTES"],
-        id="orphan_sweep",
-        max_instances=1,
-        coalesce=True,
-    )
+    schedule = [
+        ("orphan_sweep", "ORPHAN_SWEEP_INTERVAL_MINUTES", jobs.run_orphan_sweep),
+        ("abandoned_sessions", "ABANDONED_PURGE_INTERVAL_MINUTES", jobs.run_abandoned_purge),
+    ]
+    for name, interval_setting, job in schedule:
+        scheduler.add_job(
+            _in_app_context(app, name, job),
+            "interval",
+            minutes=app.config[interval_setting],
+            id=name,
+            max_instances=1,
+            coalesce=True,
+        )
     scheduler.start()
     app.extensions["scheduler"] = scheduler
 
 
-def _in_app_context(app: Flask, name: str, job: Callable[[], Any]) -> Callable[[], None]:
+def _in_app_context(app: Flask, name: str, job: Callable[..., Any]) -> Callable[[], None]:
     def run() -> None:
         with app.app_context():
             try:
-                job()
+                job(scheduled=True)
             except Exception:
                 db.session.rollback()
                 log.exception("scheduled job failed", extra={"job": name})

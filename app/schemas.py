@@ -39,6 +39,9 @@ class ErrorSchema(ma.Schema):
         values=fields.Raw(),
         metadata={"description": "Per-field problems, on validation errors"},
     )
+    nextTransition = fields.String(
+        metadata={"description": "On the e-mail verification endpoints: the screen to show next"}
+    )
 
 
 class UuidIssuedSchema(ma.Schema):
@@ -178,3 +181,31 @@ class SessionFilesSchema(ma.Schema):
     status = fields.String(required=True, metadata={"example": "success"})
     message = fields.String(required=True)
     files = fields.List(fields.Nested(SessionFileSchema), required=True)
+
+
+class VerifyEmailRequestSchema(ma.Schema):
+    """The address to verify."""
+
+    email = fields.String(required=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+
+
+class VerifyCodeRequestSchema(ma.Schema):
+    """A code the user typed."""
+
+    code = fields.String(required=True, validate=validate.Length(max=32))
+
+
+class ResendCodeRequestSchema(ma.Schema):
+    """No fields: the code goes to the stored address."""
+
+
+class VerificationOutcomeSchema(ma.Schema):
+    """What happened, and the screen to show next."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["success", "error"]))
+    message = fields.String(required=True)
+    error = fields.String(metadata={"description": "Present when status is error"})
+    nextTransition = fields.String(
+        required=True,
+        validate=validate.OneOf(["EMAIL_INPUT", "CODE_INPUT", "SESSION_RESET", "CHAT_READY"]),
+    )

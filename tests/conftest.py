@@ -7,11 +7,15 @@ them the tests that need them are skipped, unless ``TEST_REQUIRE_SERVICES=1`` (a
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
+from email.message import EmailMessage
+from typing import Any
 
 import psycopg2
 import pytest
@@ -24,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.extensions import db
-from app.models import AuditEvent, ChatSession, JobRun, RetiredSessionUUID
+from app.models import AuditEvent, ChatSession, EmailSend, JobRun, RetiredSessionUUID
 
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
@@ -122,7 +126,7 @@ def build_app(database_url: str, **overrides: str) -> Flask:
         if database_url not in _migrated:
             upgrade()
             _migrated.add(database_url)
-        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun):
+        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun, EmailSend):
             db.session.execute(delete(model))
         db.session.commit()
     return app
@@ -202,3 +206,42 @@ def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "local":
         return {"STORAGE_BACKEND": "local", "STORAGE_LOCAL_ROOT": tempfile.mkdtemp(prefix="files-")}
     return s3_env(request.getfixturevalue("s3_endpoint"))
+
+
+class Inbox:
+    """Messages received by the test SMTP server."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append(message)  # type: ignore[arg-type]
+        return "250 Message accepted"
+
+
+@contextmanager
+def smtp_server(port: int | None = None) -> Iterator[tuple[int, Inbox]]:
+    """A real SMTP server (aiosmtpd) on loopback; yields its port and inbox."""
+    from aiosmtpd.controller import Controller
+
+    from tests.servers import free_port
+
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port or free_port())
+    controller.start()
+    try:
+        yield controller.port, inbox
+    finally:
+        controller.stop()
+
+
+def smtp_env(port: int) -> dict[str, str]:
+    return {
+        "MAIL_BACKEND": "smtp",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "SMTP_STARTTLS": "false",
+        "SMTP_TIMEOUT_SECONDS": "2",
+        "MAIL_FROM": "verify@chat.example",
+    }

@@ -23,22 +23,32 @@ def test_development_defaults_are_embedded() -> None:
     assert len(config.SECRET_KEY) >= 32
 
 
-def test_production_refuses_insecure_defaults() -> None:
-    with pytest.raises(ConfigError, match="SECRET_KEY"):
-        make(APP_ENV="production", DATABASE_URL="postgresql://db/app")
-    with pytest.raises(ConfigError, match="DATABASE_URL"):
-        make(APP_ENV="production", SECRET_KEY="s")
-    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
-        make(
-            APP_ENV="production",
-            SECRET_KEY="s",
-            DATABASE_URL="postgresql://db/app",
-            CORS_ORIGINS="*",
-        )
-    assert (
-        make(APP_ENV="production", SECRET_KEY="s", DATABASE_URL="postgresql://db/app").APP_ENV
-        == "production"
-    )
+PRODUCTION = {
+    "APP_ENV": "production",
+    "SECRET_KEY": "s",
+    "DATABASE_URL": "postgresql://db/app",
+    "MAIL_BACKEND": "smtp",
+    "SMTP_HOST": "smtp.example.org",
+}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"SECRET_KEY": ""}, "SECRET_KEY"),
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),
+        ({"CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
+        ({"MAIL_BACKEND": "console"}, "MAIL_BACKEND"),
+        ({"SMTP_HOST": ""}, "SMTP_HOST"),
+    ],
+)
+def test_production_refuses_insecure_defaults(override: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        make(**{**PRODUCTION, **override})
+
+
+def test_production_starts_with_its_settings_given() -> None:
+    assert make(**PRODUCTION).APP_ENV == "production"
 
 
 @pytest.mark.parametrize(

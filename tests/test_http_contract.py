@@ -273,6 +273,12 @@ def test_the_openapi_document_is_valid_and_lists_the_endpoints(client: FlaskClie
         "/api/v1/validate-uuid",
         "/api/v1/persist_session",
         "/api/v1/session/{session_uuid}",
+        "/api/v1/upload",
+        "/api/v1/delete",
+        "/api/v1/session/{session_uuid}/files",
+        "/api/v1/email-verification/verify-email",
+        "/api/v1/email-verification/verify-code",
+        "/api/v1/email-verification/resend-code",
         "/health",
         "/ready",
     } <= set(document["paths"])

@@ -171,7 +171,7 @@ def persist(
         changed.append("name")
     if clean_email is not None and clean_email != chat_session.email:
         chat_session.email = clean_email
-        _require_email_verification(chat_session)
+        require_email_verification(chat_session)
         changed.append("email")
     if changed:
         audit.record("personal_data_updated", context, session_uuid, fields=changed)
@@ -210,7 +210,7 @@ def _normalise_email(email: str | None) -> str | None:
         raise InvalidRequest(details={"email": [str(exc)]}) from exc
 
 
-def _require_email_verification(chat_session: ChatSession) -> None:
+def require_email_verification(chat_session: ChatSession) -> None:
     """A new address is unverified, so the session is no longer complete."""
     chat_session.email_verified = False
     chat_session.state = SessionState.PENDING
@@ -222,7 +222,10 @@ def _erase_personal_data(chat_session: ChatSession) -> None:
     chat_session.consent_at = None
     chat_session.name = None
     chat_session.email = None
-    _require_email_verification(chat_session)
+    chat_session.verification_code_hash = None
+    chat_session.verification_code_expires_at = None
+    chat_session.verification_attempts_left = None
+    require_email_verification(chat_session)
 
 
 def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:

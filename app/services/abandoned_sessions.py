@@ -1,0 +1,105 @@
+"""Purging pending sessions nobody has touched for ABANDONED_SESSION_MINUTES."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, select
+
+from app.extensions import db
+from app.models import ChatSession, EmailSend, RetirementReason, SessionState
+from app.services import audit
+from app.services.audit import SYSTEM
+from app.services.erasure import erase_sessions
+from app.storage import StorageUnavailable, current_storage, session_objects
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = "abandoned_sessions"
+BATCH = 200
+# Send records only feed the per-day address cap; older ones are dead weight.
+SEND_HISTORY = timedelta(days=1)
+
+
+@dataclass
+class PurgeReport:
+    """What one purge saw and did."""
+
+    dry_run: bool
+    sessions_purged: int = 0
+    files_deleted: int = 0
+    send_records_pruned: int = 0
+    errors: int = 0
+    duration_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def purge_abandoned(*, now: datetime, idle: timedelta, dry_run: bool) -> PurgeReport:
+    """Erase pending sessions idle since before ``now - idle``: files, row, UUID retired."""
+    report = PurgeReport(dry_run=dry_run)
+    started = time.perf_counter()
+    eligible = _abandoned(now - idle)
+    if dry_run:
+        _count(eligible, report)
+    else:
+        _purge(eligible, report)
+        report.send_records_pruned = _prune_send_history(now)
+        audit.record("abandoned_purge_completed", SYSTEM, **report.as_dict())
+        db.session.commit()
+    report.duration_seconds = round(time.perf_counter() - started, 3)
+    log.info("abandoned-session purge finished", extra={"summary": report.as_dict()})
+    return report
+
+
+def _abandoned(cutoff: datetime) -> ColumnElement[bool]:
+    return (ChatSession.state == SessionState.PENDING) & (ChatSession.last_seen_at < cutoff)
+
+
+def _purge(eligible: ColumnElement[bool], report: PurgeReport) -> None:
+    while True:
+        batch = list(
+            db.session.scalars(
+                select(ChatSession.uuid)
+                .where(eligible)
+                .order_by(ChatSession.last_seen_at)
+                .limit(BATCH)
+            )
+        )
+        if not batch:
+            return
+        try:
+            erased = erase_sessions(
+                batch, eligible, reason=RetirementReason.ABANDONED, context=SYSTEM
+            )
+        except StorageUnavailable as exc:
+            # Nothing changed in the database; the next run tries again.
+            report.errors += 1
+            log.error(
+                "abandoned-session purge stopped: storage unavailable", extra={"error": str(exc)}
+            )
+            audit.record("abandoned_purge_error", SYSTEM, error=str(exc)[:500], sessions=len(batch))
+            db.session.commit()
+            return
+        report.sessions_purged += len(erased)
+        report.files_deleted += sum(erased.values())
+        if len(batch) < BATCH:
+            return
+
+
+def _count(eligible: ColumnElement[bool], report: PurgeReport) -> None:
+    storage = current_storage()
+    for session_uuid in db.session.scalars(select(ChatSession.uuid).where(eligible)):
+        report.sessions_purged += 1
+        report.files_deleted += len(session_objects(storage, session_uuid))
+    db.session.rollback()
+
+
+def _prune_send_history(now: datetime) -> int:
+    result = db.session.execute(delete(EmailSend).where(EmailSend.sent_at < now - SEND_HISTORY))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

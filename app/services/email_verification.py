@@ -1,0 +1,319 @@
+"""E-mail verification: a 6-digit code by mail completes the session.
+
+Outcomes the frontend must act on are returned, not raised: the route answers them with
+HTTP 200 and the screen to show next. Codes and addresses never reach the logs or the
+audit trail; the database keeps a code only as a keyed hash.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+
+from email_validator import EmailNotValidError, validate_email
+from flask import current_app, render_template
+from sqlalchemy import ColumnElement, func, insert, select
+
+from app.clock import utcnow
+from app.errors import SessionNotFound
+from app.extensions import db
+from app.mail import MailUnavailable, current_mailer
+from app.messages import SESSION_RESET
+from app.models import ChatSession, EmailSend, SessionState
+from app.privacy import mask_email
+from app.services import audit, chat_sessions
+from app.services.audit import AuditContext
+
+CODE_DIGITS = 6
+
+
+class Transition(enum.StrEnum):
+    """The screen the frontend shows next."""
+
+    EMAIL_INPUT = "EMAIL_INPUT"
+    CODE_INPUT = "CODE_INPUT"
+    SESSION_RESET = "SESSION_RESET"
+    CHAT_READY = "CHAT_READY"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened, in the frontend's terms."""
+
+    success: bool
+    message: str
+    next_transition: Transition
+    error: str | None = None
+
+
+def _failure(error: str, message: str, transition: Transition) -> Outcome:
+    return Outcome(False, message, transition, error)
+
+
+SESSION_GONE = _failure("session_not_found", SESSION_RESET, Transition.SESSION_RESET)
+ALREADY_VERIFIED = Outcome(True, "Your e-mail address is verified.", Transition.CHAT_READY)
+
+
+def request_code(session_uuid: uuid.UUID, raw_email: str, context: AuditContext) -> Outcome:
+    """Store the address as the session's unverified e-mail and send it a code."""
+    try:
+        email = validate_email(raw_email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return _failure(
+            "invalid_email", "Please enter a valid e-mail address.", Transition.EMAIL_INPUT
+        )
+    chat_session = _locked_session(session_uuid)
+    if chat_session is None:
+        return SESSION_GONE
+    if chat_session.email_verified and chat_session.email == email:
+        db.session.commit()
+        return ALREADY_VERIFIED
+    now = utcnow()
+    if (
+        chat_session.email == email
+        and _code_is_live(chat_session, now)
+        and _cooldown_left(_last_send(session_uuid), now) is not None
+    ):
+        # A retry of the same request: the code just sent still stands; send nothing.
+        db.session.commit()
+        return _code_sent(email)
+    return _send_code(chat_session, email, now, context, Transition.EMAIL_INPUT)
+
+
+def resend_code(session_uuid: uuid.UUID, context: AuditContext) -> Outcome:
+    """Send a fresh code to the stored address."""
+    chat_session = _locked_session(session_uuid)
+    if chat_session is None:
+        return SESSION_GONE
+    if chat_session.email_verified:
+        db.session.commit()
+        return ALREADY_VERIFIED
+    if chat_session.email is None:
+        db.session.commit()
+        return _failure(
+            "no_email", "Please enter your e-mail address first.", Transition.EMAIL_INPUT
+        )
+    return _send_code(chat_session, chat_session.email, utcnow(), context, Transition.CODE_INPUT)
+
+
+def verify_code(session_uuid: uuid.UUID, code: str, context: AuditContext) -> Outcome:
+    """Check a code; the right one verifies the e-mail and completes the session."""
+    chat_session = _locked_session(session_uuid)
+    if chat_session is None:
+        return SESSION_GONE
+    if chat_session.email_verified:
+        db.session.commit()
+        return ALREADY_VERIFIED
+    now = utcnow()
+    stored_hash = chat_session.verification_code_hash
+    if stored_hash is None:
+        db.session.commit()
+        if chat_session.email is None:
+            return _failure(
+                "no_code", "Please enter your e-mail address first.", Transition.EMAIL_INPUT
+            )
+        return _failure(
+            "no_code", "There is no valid code. Please request a new one.", Transition.CODE_INPUT
+        )
+    expires_at = chat_session.verification_code_expires_at
+    if expires_at is None or now >= expires_at:
+        _clear_code(chat_session)
+        audit.record("verification_code_expired", context, session_uuid)
+        db.session.commit()
+        return _failure(
+            "code_expired",
+            "This code has expired. Please request a new one.",
+            Transition.CODE_INPUT,
+        )
+    candidate = code.strip()
+    if len(candidate) != CODE_DIGITS or not candidate.isdigit():
+        db.session.commit()
+        return _failure(
+            "invalid_code", f"Please enter the {CODE_DIGITS}-digit code.", Transition.CODE_INPUT
+        )
+    if hmac.compare_digest(_code_hash(session_uuid, candidate), stored_hash):
+        _clear_code(chat_session)
+        chat_session.email_verified = True
+        chat_session.state = SessionState.VERIFIED
+        chat_session.completed_at = now
+        audit.record("email_verified", context, session_uuid)
+        db.session.commit()
+        return ALREADY_VERIFIED
+    attempts_left = max((chat_session.verification_attempts_left or 1) - 1, 0)
+    chat_session.verification_attempts_left = attempts_left
+    if attempts_left == 0:
+        _clear_code(chat_session)
+    audit.record("verification_code_rejected", context, session_uuid, attempts_left=attempts_left)
+    db.session.commit()
+    if attempts_left == 0:
+        return _failure(
+            "too_many_attempts",
+            "Too many wrong codes. Please request a new code.",
+            Transition.CODE_INPUT,
+        )
+    return _failure(
+        "invalid_code",
+        f"That code is not right. {attempts_left} attempt(s) left.",
+        Transition.CODE_INPUT,
+    )
+
+
+def _send_code(
+    chat_session: ChatSession,
+    email: str,
+    now: datetime,
+    context: AuditContext,
+    stay_on: Transition,
+) -> Outcome:
+    session_uuid = chat_session.uuid
+    refusal = _limit_refusal(session_uuid, _address_hash(email), now, stay_on)
+    if refusal is not None:
+        audit.record("verification_limit_hit", context, session_uuid, limit=refusal.error)
+        db.session.commit()
+        return refusal
+    code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+    try:
+        current_mailer().send(_verification_message(email, code))
+    except MailUnavailable:
+        db.session.rollback()
+        audit.record("verification_send_failed", context, session_uuid)
+        db.session.commit()
+        current_app.logger.warning("verification e-mail not sent: mail server unavailable")
+        return _failure(
+            "mail_unavailable",
+            "We could not send the e-mail just now. Please try again in a few minutes.",
+            stay_on,
+        )
+    address_changed = chat_session.email != email
+    if address_changed:
+        chat_session.email = email
+        chat_sessions.require_email_verification(chat_session)
+    chat_session.verification_code_hash = _code_hash(session_uuid, code)
+    chat_session.verification_code_expires_at = now + timedelta(
+        minutes=current_app.config["EMAIL_CODE_TTL_MINUTES"]
+    )
+    chat_session.verification_attempts_left = current_app.config["EMAIL_CODE_MAX_ATTEMPTS"]
+    db.session.execute(
+        insert(EmailSend).values(
+            session_uuid=session_uuid, address_hash=_address_hash(email), sent_at=now
+        )
+    )
+    audit.record("verification_code_sent", context, session_uuid, address_changed=address_changed)
+    db.session.commit()
+    return _code_sent(email)
+
+
+def _limit_refusal(
+    session_uuid: uuid.UUID, address_hash: str, now: datetime, stay_on: Transition
+) -> Outcome | None:
+    config = current_app.config
+    wait_for = _cooldown_left(_last_send(session_uuid), now)
+    if wait_for is not None:
+        wait = int(wait_for.total_seconds()) + 1
+        return _failure(
+            "cooldown",
+            f"A code was sent moments ago. Please wait {wait} seconds before asking again.",
+            stay_on,
+        )
+    sent_this_hour = _count_sends(EmailSend.session_uuid == session_uuid, now - timedelta(hours=1))
+    if sent_this_hour >= config["EMAIL_SENDS_PER_SESSION_PER_HOUR"]:
+        return _failure(
+            "hourly_limit",
+            "Too many codes were requested for this session. Please try again in an hour.",
+            stay_on,
+        )
+    sent_today = _count_sends(EmailSend.address_hash == address_hash, now - timedelta(days=1))
+    if sent_today >= config["EMAIL_SENDS_PER_ADDRESS_PER_DAY"]:
+        return _failure(
+            "address_daily_limit",
+            "Too many codes were sent to this address today. Please try again tomorrow.",
+            stay_on,
+        )
+    return None
+
+
+def _count_sends(condition: ColumnElement[bool], since: datetime) -> int:
+    query = select(func.count()).select_from(EmailSend).where(condition, EmailSend.sent_at > since)
+    return int(db.session.scalar(query) or 0)
+
+
+def _last_send(session_uuid: uuid.UUID) -> datetime | None:
+    return db.session.scalar(
+        select(func.max(EmailSend.sent_at)).where(EmailSend.session_uuid == session_uuid)
+    )
+
+
+def _cooldown_left(last_sent: datetime | None, now: datetime) -> timedelta | None:
+    """How long until another code may be sent, or None if it may be sent now."""
+    cooldown = timedelta(seconds=current_app.config["EMAIL_SEND_COOLDOWN_SECONDS"])
+    if last_sent is None or now - last_sent >= cooldown:
+        return None
+    return cooldown - (now - last_sent)
+
+
+def _locked_session(session_uuid: uuid.UUID) -> ChatSession | None:
+    """The live session, locked until commit (one verification step at a time)."""
+    try:
+        chat_sessions.lock_live_session(session_uuid)
+    except SessionNotFound:
+        db.session.rollback()
+        return None
+    return db.session.get(ChatSession, session_uuid, populate_existing=True)
+
+
+def _code_is_live(chat_session: ChatSession, now: datetime) -> bool:
+    expires_at = chat_session.verification_code_expires_at
+    return (
+        chat_session.verification_code_hash is not None
+        and expires_at is not None
+        and now < expires_at
+    )
+
+
+def _clear_code(chat_session: ChatSession) -> None:
+    chat_session.verification_code_hash = None
+    chat_session.verification_code_expires_at = None
+    chat_session.verification_attempts_left = None
+
+
+def _code_sent(email: str) -> Outcome:
+    return Outcome(
+        True,
+        f"We sent a {CODE_DIGITS}-digit code to {mask_email(email)}.",
+        Transition.CODE_INPUT,
+    )
+
+
+def _keyed_hash(purpose: str, value: str) -> str:
+    key = current_app.config["SECRET_KEY"].encode()
+    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _code_hash(session_uuid: uuid.UUID, code: str) -> str:
+    return _keyed_hash(f"code:{session_uuid}", code)
+
+
+def _address_hash(email: str) -> str:
+    return _keyed_hash("address", email.lower())
+
+
+def _verification_message(email: str, code: str) -> EmailMessage:
+    config = current_app.config
+    values = {
+        "service_name": config["SERVICE_NAME"],
+        "code": code,
+        "ttl_minutes": config["EMAIL_CODE_TTL_MINUTES"],
+    }
+    message = EmailMessage()
+    message["Subject"] = f"Your {config['SERVICE_NAME']} verification code"
+    message["From"] = config["MAIL_FROM"]
+    message["To"] = email
+    message.set_content(render_template("email/verification.txt", **values))
+    message.add_alternative(render_template("email/verification.html", **values), subtype="html")
+    return message

@@ -1,0 +1,79 @@
+"""Ending sessions for good: files, row and personal data gone, the UUID retired."""
+
+from __future__ import annotations
+
+import uuid
+from typing import cast
+
+from sqlalchemy import ColumnElement, Table, bindparam, delete, insert
+
+from app.clock import utcnow
+from app.extensions import db
+from app.models import ChatSession, RetiredSessionUUID, RetirementReason
+from app.services import audit
+from app.services.audit import AuditContext
+from app.storage import StorageUnavailable, current_storage, session_objects
+
+_SESSIONS = cast(Table, ChatSession.__table__)
+
+
+def erase_sessions(
+    session_uuids: list[uuid.UUID],
+    still_eligible: ColumnElement[bool],
+    *,
+    reason: RetirementReason,
+    context: AuditContext,
+) -> dict[uuid.UUID, int]:
+    """Erase those of ``session_uuids`` that still match ``still_eligible``; commit.
+
+    The rows are deleted first, which locks them, so a request touching one of these
+    sessions waits and then finds it gone. Then the files go, then the transaction
+    commits with the tombstones and audit rows. If storage fails the transaction is
+    rolled back (nothing in the database changes) and StorageUnavailable is raised, so
+    a retry finishes the job. Returns the number of files erased per erased session.
+    """
+    if not session_uuids:
+        return {}
+    erased = list(
+        db.session.scalars(
+            delete(_SESSIONS)
+            .where(_SESSIONS.c.uuid.in_(bindparam("uuids", expanding=True)), still_eligible)
+            .returning(_SESSIONS.c.uuid),
+            {"uuids": session_uuids},
+        )
+    )
+    if not erased:
+        db.session.rollback()
+        return {}
+    try:
+        files = _delete_files(erased)
+    except StorageUnavailable:
+        db.session.rollback()
+        raise
+    now = utcnow()
+    db.session.execute(
+        insert(RetiredSessionUUID),
+        [{"uuid": erased_uuid, "retired_at": now, "reason": reason} for erased_uuid in erased],
+    )
+    audit.record_many(
+        "session_erased",
+        context,
+        [
+            (erased_uuid, {"reason": reason.value, "files": files[erased_uuid]})
+            for erased_uuid in erased
+        ],
+    )
+    db.session.commit()
+    return files
+
+
+def _delete_files(session_uuids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    storage = current_storage()
+    keys = {
+        session_uuid: [o.key for o in session_objects(storage, session_uuid)]
+        for session_uuid in session_uuids
+    }
+    failed = storage.delete_many([key for session_keys in keys.values() for key in session_keys])
+    if failed:
+        raise StorageUnavailable(f"{len(failed)} file(s) could not be deleted")
+    return {session_uuid: len(session_keys) for session_uuid, session_keys in keys.items()}

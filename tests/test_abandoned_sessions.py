@@ -1,0 +1,159 @@
+"""The abandoned-session purge, with real storage and a moved clock."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from flask import Flask
+from sqlalchemy import update
+
+from app.clock import utcnow
+from app.extensions import db
+from app.models import ChatSession, EmailSend, SessionState
+from app.services.abandoned_sessions import purge_abandoned
+from app.storage import current_storage, session_objects
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row
+from tests.servers import free_port
+
+IDLE = timedelta(hours=24)
+
+
+@pytest.fixture
+def app(database_url: str, storage_env: dict[str, str]) -> Flask:
+    return build_app(database_url, **storage_env)
+
+
+def session_with_file(app: Flask) -> str:
+    client = app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+    uploaded = client.post(
+        "/api/v1/upload",
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(b"%PDF-1.7 x"), "cv.pdf")},
+        content_type="multipart/form-data",
+    )
+    assert uploaded.status_code == 200
+    return session_uuid
+
+
+def idle_for(
+    app: Flask, session_uuid: str, age: timedelta, state: SessionState | None = None
+) -> None:
+    with app.app_context():
+        values: dict[str, object] = {"last_seen_at": utcnow() - age}
+        if state is not None:
+            values["state"] = state
+        db.session.execute(
+            update(ChatSession).where(ChatSession.uuid == uuid.UUID(session_uuid)).values(**values)
+        )
+        db.session.commit()
+
+
+def files_of(app: Flask, session_uuid: str) -> int:
+    with app.app_context():
+        return len(session_objects(current_storage(), session_uuid))
+
+
+def purge(app: Flask, *, dry_run: bool = False):
+    with app.app_context():
+        return purge_abandoned(now=utcnow(), idle=IDLE, dry_run=dry_run)
+
+
+def test_an_idle_pending_session_is_purged_and_its_uuid_retired(app: Flask) -> None:
+    idle = session_with_file(app)
+    idle_for(app, idle, IDLE + timedelta(minutes=1))
+
+    report = purge(app)
+
+    assert (report.sessions_purged, report.files_deleted, report.errors) == (1, 1, 0)
+    assert session_row(app, idle) is None
+    assert files_of(app, idle) == 0
+    [event] = audit_rows(app, "session_erased")
+    assert (str(event.session_uuid), event.details) == (idle, {"reason": "abandoned", "files": 1})
+    verdict = app.test_client().post(
+        "/api/v1/validate-uuid", json={"uuid": idle}, headers=JSON_HEADERS
+    )
+    assert verdict.get_json()["status"] == "collision"
+
+
+def test_verified_and_active_sessions_are_untouched(app: Flask) -> None:
+    verified = session_with_file(app)
+    idle_for(app, verified, IDLE * 3, SessionState.VERIFIED)
+    active = session_with_file(app)
+    idle_for(app, active, IDLE - timedelta(minutes=5))
+
+    report = purge(app)
+
+    assert report.sessions_purged == 0
+    for kept in (verified, active):
+        assert session_row(app, kept) is not None
+        assert files_of(app, kept) == 1
+
+
+def test_a_dry_run_changes_nothing(app: Flask) -> None:
+    idle = session_with_file(app)
+    idle_for(app, idle, IDLE * 2)
+    before = len(audit_rows(app))
+
+    report = purge(app, dry_run=True)
+
+    assert (report.dry_run, report.sessions_purged, report.files_deleted) == (True, 1, 1)
+    assert session_row(app, idle) is not None
+    assert files_of(app, idle) == 1
+    assert len(audit_rows(app)) == before
+
+
+def test_storage_down_leaves_everything_for_the_next_run(database_url: str) -> None:
+    app = build_app(
+        database_url,
+        STORAGE_BACKEND="s3",
+        S3_BUCKET="b",
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        S3_CONNECT_TIMEOUT_SECONDS="1",
+        S3_MAX_ATTEMPTS="1",
+    )
+    session_uuid = str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
+    idle_for(app, session_uuid, IDLE * 2)
+
+    report = purge(app)
+
+    assert (report.sessions_purged, report.errors) == (0, 1)
+    assert session_row(app, session_uuid) is not None
+    assert len(audit_rows(app, "abandoned_purge_error")) == 1
+    assert audit_rows(app, "session_erased") == []
+
+
+def test_old_send_records_are_pruned(app: Flask) -> None:
+    with app.app_context():
+        db.session.add_all(
+            [
+                EmailSend(address_hash="a" * 64, sent_at=utcnow() - timedelta(days=2)),
+                EmailSend(address_hash="b" * 64, sent_at=utcnow() - timedelta(hours=2)),
+            ]
+        )
+        db.session.commit()
+
+    assert purge(app).send_records_pruned == 1
+    with app.app_context():
+        assert [send.address_hash[0] for send in db.session.query(EmailSend)] == ["b"]
+
+
+def test_the_cli_and_the_schedule(database_url: str) -> None:
+    app = build_app(database_url)
+    idle = str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
+    idle_for(app, idle, IDLE * 2)
+
+    dry = app.test_cli_runner().invoke(args=["cleanup", "abandoned", "--dry-run"])
+    real = app.test_cli_runner().invoke(args=["cleanup", "abandoned"])
+
+    assert json.loads(dry.output)["sessions_purged"] == 1
+    assert json.loads(real.output)["sessions_purged"] == 1
+    assert session_row(app, idle) is None
+    scheduled = build_app(database_url, SCHEDULER_ENABLED="true")
+    try:
+        assert scheduled.extensions["scheduler"].get_job("abandoned_sessions") is not None
+    finally:
+        scheduled.extensions["scheduler"].shutdown(wait=False)

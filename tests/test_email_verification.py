@@ -1,0 +1,358 @@
+"""E-mail verification over real SMTP (aiosmtpd), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from email.message import EmailMessage
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import update
+
+from app.clock import utcnow
+from app.extensions import db
+from app.models import ChatSession, EmailSend, SessionState
+from tests.conftest import (
+    JSON_HEADERS,
+    Inbox,
+    audit_rows,
+    build_app,
+    session_row,
+    smtp_env,
+    smtp_server,
+)
+from tests.servers import free_port
+
+ADDRESS = "Jane.Doe@Example.com"
+STORED_ADDRESS = "Jane.Doe@example.com"
+
+
+@pytest.fixture
+def mail_server() -> Iterator[tuple[int, Inbox]]:
+    with smtp_server() as server:
+        yield server
+
+
+@pytest.fixture
+def inbox(mail_server: tuple[int, Inbox]) -> Inbox:
+    return mail_server[1]
+
+
+@pytest.fixture
+def app(database_url: str, mail_server: tuple[int, Inbox]) -> Flask:
+    return build_app(database_url, **smtp_env(mail_server[0]))
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def new_session(client: FlaskClient) -> str:
+    return str(client.post("/api/v1/generate-uuid", headers=JSON_HEADERS).get_json()["uuid"])
+
+
+def call(client: FlaskClient, step: str, session_uuid: str | None, body: dict[str, str]):
+    headers = dict(JSON_HEADERS)
+    if session_uuid is not None:
+        headers["X-Session-ID"] = session_uuid
+    return client.post(f"/api/v1/email-verification/{step}", json=body, headers=headers)
+
+
+def outcome(response) -> tuple[str, str | None, str]:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    return body["status"], body.get("error"), body["nextTransition"]
+
+
+def code_in(message: EmailMessage) -> str:
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    return re.search(r"\b(\d{6})\b", text).group(1)
+
+
+def rewind_sends(app: Flask, session_uuid: str, seconds: int) -> None:
+    """Move this session's send history into the past, as the clock would."""
+    with app.app_context():
+        sends = db.session.query(EmailSend).filter_by(session_uuid=uuid.UUID(session_uuid))
+        for send in sends:
+            send.sent_at -= timedelta(seconds=seconds)
+        db.session.commit()
+
+
+def test_the_code_from_the_mail_completes_the_session(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    session_uuid = new_session(client)
+
+    sent = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(sent) == ("success", None, "CODE_INPUT")
+    assert "J***@e***.com" in sent.get_json()["message"]
+    [message] = inbox.messages
+    assert message["To"] == STORED_ADDRESS
+    assert "Chat Assistant" in message["Subject"]
+    plain = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    assert "10 minutes" in plain
+    assert "10 minutes" in html
+    code = code_in(message)
+    assert code in html
+
+    verified = call(client, "verify-code", session_uuid, {"code": code})
+
+    assert outcome(verified) == ("success", None, "CHAT_READY")
+    row = session_row(app, session_uuid)
+    assert row is not None
+    assert (row.state, row.email, row.email_verified) == (
+        SessionState.VERIFIED,
+        STORED_ADDRESS,
+        True,
+    )
+    assert row.completed_at is not None
+    assert row.verification_code_hash is None
+    assert [e.event_type for e in audit_rows(app)][1:] == [
+        "verification_code_sent",
+        "email_verified",
+    ]
+    again = call(client, "verify-code", session_uuid, {"code": "000000"})
+    assert outcome(again) == ("success", None, "CHAT_READY")
+    state = client.get(f"/api/v1/session/{session_uuid}").get_json()
+    assert (state["state"], state["email_verified"]) == ("verified", True)
+
+
+def test_a_wrong_code_leaves_attempts(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    wrong = "000000" if code_in(inbox.messages[0]) != "000000" else "111111"
+
+    response = call(client, "verify-code", session_uuid, {"code": wrong})
+
+    assert outcome(response) == ("error", "invalid_code", "CODE_INPUT")
+    assert "2 attempt" in response.get_json()["message"]
+    [event] = audit_rows(app, "verification_code_rejected")
+    assert event.details == {"attempts_left": 2}
+
+
+def test_three_wrong_guesses_void_the_code_and_a_fresh_one_works(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    first_code = code_in(inbox.messages[0])
+    wrong = "000000" if first_code != "000000" else "111111"
+
+    results = [
+        outcome(call(client, "verify-code", session_uuid, {"code": wrong})) for _ in range(3)
+    ]
+    late_right = call(client, "verify-code", session_uuid, {"code": first_code})
+
+    assert [error for _, error, _ in results] == [
+        "invalid_code",
+        "invalid_code",
+        "too_many_attempts",
+    ]
+    assert outcome(late_right) == ("error", "no_code", "CODE_INPUT")
+    rewind_sends(app, session_uuid, 31)
+    assert outcome(call(client, "resend-code", session_uuid, {}))[0] == "success"
+    fresh = code_in(inbox.messages[1])
+    assert outcome(call(client, "verify-code", session_uuid, {"code": fresh}))[2] == "CHAT_READY"
+
+
+def test_an_expired_code_is_refused(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    with app.app_context():
+        db.session.execute(
+            update(ChatSession)
+            .where(ChatSession.uuid == uuid.UUID(session_uuid))
+            .values(verification_code_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        db.session.commit()
+
+    response = call(client, "verify-code", session_uuid, {"code": code_in(inbox.messages[0])})
+
+    assert outcome(response) == ("error", "code_expired", "CODE_INPUT")
+    assert session_row(app, session_uuid).email_verified is False
+
+
+def test_resend_waits_for_the_cooldown_and_replaces_the_code(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    too_soon = call(client, "resend-code", session_uuid, {})
+    rewind_sends(app, session_uuid, 31)
+    resent = call(client, "resend-code", session_uuid, {})
+
+    assert outcome(too_soon) == ("error", "cooldown", "CODE_INPUT")
+    assert outcome(resent) == ("success", None, "CODE_INPUT")
+    old, new = (code_in(message) for message in inbox.messages)
+    if old != new:
+        assert (
+            outcome(call(client, "verify-code", session_uuid, {"code": old}))[1] == "invalid_code"
+        )
+    assert outcome(call(client, "verify-code", session_uuid, {"code": new}))[2] == "CHAT_READY"
+    [limit] = audit_rows(app, "verification_limit_hit")
+    assert limit.details == {"limit": "cooldown"}
+
+
+def test_a_session_gets_three_sends_an_hour(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    for _ in range(2):
+        rewind_sends(app, session_uuid, 31)
+        assert outcome(call(client, "resend-code", session_uuid, {}))[0] == "success"
+    rewind_sends(app, session_uuid, 31)
+
+    fourth = call(client, "resend-code", session_uuid, {})
+
+    assert outcome(fourth) == ("error", "hourly_limit", "CODE_INPUT")
+    assert len(inbox.messages) == 3
+
+
+def test_an_address_has_a_daily_cap_across_sessions(
+    database_url: str, mail_server: tuple[int, Inbox]
+) -> None:
+    port, inbox = mail_server
+    client = build_app(
+        database_url, EMAIL_SENDS_PER_ADDRESS_PER_DAY="2", **smtp_env(port)
+    ).test_client()
+
+    results = [
+        outcome(call(client, "verify-email", new_session(client), {"email": ADDRESS}))
+        for _ in range(3)
+    ]
+    other_address = outcome(
+        call(client, "verify-email", new_session(client), {"email": "someone@example.org"})
+    )
+
+    assert [error for _, error, _ in results] == [None, None, "address_daily_limit"]
+    assert other_address[0] == "success"
+    assert len(inbox.messages) == 3
+
+
+def test_a_repeated_verify_email_inside_the_cooldown_sends_one_mail(
+    client: FlaskClient, inbox: Inbox
+) -> None:
+    session_uuid = new_session(client)
+
+    first = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    retry = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(first) == outcome(retry) == ("success", None, "CODE_INPUT")
+    assert len(inbox.messages) == 1
+
+
+def test_smtp_down_is_an_error_and_a_later_code_still_comes(database_url: str) -> None:
+    port = free_port()
+    app = build_app(database_url, **smtp_env(port))
+    client = app.test_client()
+    session_uuid = new_session(client)
+
+    down = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(down) == ("error", "mail_unavailable", "EMAIL_INPUT")
+    row = session_row(app, session_uuid)
+    assert row is not None
+    assert row.verification_code_hash is None
+    assert row.email is None
+    assert [e.event_type for e in audit_rows(app)][1:] == ["verification_send_failed"]
+    with smtp_server(port) as (_, inbox):
+        up = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+        assert outcome(up) == ("success", None, "CODE_INPUT")
+        code = code_in(inbox.messages[0])
+    assert outcome(call(client, "verify-code", session_uuid, {"code": code}))[2] == "CHAT_READY"
+
+
+def test_an_unknown_session_is_told_to_reset(client: FlaskClient) -> None:
+    for step, body in [("verify-email", {"email": ADDRESS}), ("verify-code", {"code": "123456"})]:
+        response = call(client, step, str(uuid.uuid4()), body)
+
+        assert outcome(response) == ("error", "session_not_found", "SESSION_RESET")
+
+
+@pytest.mark.parametrize("header", [None, "not-a-uuid", str(uuid.uuid1())])
+def test_a_missing_or_malformed_header_is_a_400(client: FlaskClient, header: str | None) -> None:
+    response = call(client, "verify-email", header, {"email": ADDRESS})
+
+    assert response.status_code == 400
+    body = response.get_json()
+    assert (body["status"], body["error"], body["nextTransition"]) == (
+        "error",
+        "invalid_request",
+        "SESSION_RESET",
+    )
+    assert "X-Session-ID" in body["details"]
+
+
+@pytest.mark.parametrize(
+    ("step", "body", "screen"),
+    [
+        ("verify-email", {}, "EMAIL_INPUT"),
+        ("verify-email", {"email": 7}, "EMAIL_INPUT"),
+        ("verify-code", {"code": "1", "extra": "x"}, "CODE_INPUT"),
+        ("resend-code", {"email": "x@y.org"}, "CODE_INPUT"),
+    ],
+)
+def test_malformed_bodies_are_a_400_that_keeps_the_screen(
+    client: FlaskClient, step: str, body: dict[str, object], screen: str
+) -> None:
+    response = call(client, step, new_session(client), body)  # type: ignore[arg-type]
+
+    assert response.status_code == 400
+    assert response.get_json()["nextTransition"] == screen
+
+
+def test_an_invalid_address_is_an_outcome(client: FlaskClient, inbox: Inbox) -> None:
+    response = call(client, "verify-email", new_session(client), {"email": "not-an-address"})
+
+    assert outcome(response) == ("error", "invalid_email", "EMAIL_INPUT")
+    assert inbox.messages == []
+
+
+def test_codes_and_addresses_stay_out_of_storage_logs_and_audit(
+    app: Flask, client: FlaskClient, inbox: Inbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    code = code_in(inbox.messages[0])
+    call(client, "verify-code", session_uuid, {"code": "000000" if code != "000000" else "1"})
+    call(client, "verify-code", session_uuid, {"code": code})
+
+    row = session_row(app, session_uuid)
+    assert row is not None
+    stored = [str(getattr(row, column.key)) for column in ChatSession.__table__.columns]
+    assert all(code not in value for value in stored)
+    with app.app_context():
+        [send] = db.session.query(EmailSend).all()
+    assert "example" not in send.address_hash.lower()
+    assert len(send.address_hash) == 64
+    secrets = (code, STORED_ADDRESS.lower(), "jane.doe")
+    for event in audit_rows(app):
+        text = f"{event.details} {event.client_ip} {event.correlation_id}".lower()
+        assert not any(secret.lower() in text for secret in secrets)
+    # mail.log is the test's own SMTP server, which logs what it receives.
+    for record in (r for r in caplog.records if not r.name.startswith("mail.log")):
+        text = f"{record.getMessage()} {record.__dict__}".lower()
+        assert not any(secret.lower() in text for secret in secrets), record
+
+
+def test_the_console_transport_prints_the_message(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = build_app(database_url, MAIL_BACKEND="console").test_client()
+    session_uuid = new_session(client)
+
+    response = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(response)[0] == "success"
+    printed = capsys.readouterr().out
+    assert f"To: {STORED_ADDRESS}" in printed
+    assert re.search(r"\b\d{6}\b", printed)
