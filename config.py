@@ -164,6 +164,19 @@ class Config:
             "ABANDONED_PURGE_INTERVAL_MINUTES", 30, minimum=1
         )
 
+        self.CONSENT_WORDING_VERSION = env.text("CONSENT_WORDING_VERSION", "v1")
+        self.DATA_RETENTION_DAYS = env.integer("DATA_RETENTION_DAYS", 180, minimum=1)
+        self.AUDIT_RETENTION_DAYS = env.integer("AUDIT_RETENTION_DAYS", 365, minimum=1)
+        self.RETENTION_INTERVAL_MINUTES = env.integer(
+            "RETENTION_INTERVAL_MINUTES", 24 * 60, minimum=1
+        )
+
+        self.ADMIN_EMAIL = env.optional_text("ADMIN_EMAIL")
+        self.ADMIN_NOTIFY_DEDUP_MINUTES = env.integer("ADMIN_NOTIFY_DEDUP_MINUTES", 15)
+        self.SUSPICIOUS_WINDOW_MINUTES = env.integer("SUSPICIOUS_WINDOW_MINUTES", 10, minimum=1)
+        self.SUSPICIOUS_FAILED_CODES = env.integer("SUSPICIOUS_FAILED_CODES", 6, minimum=1)
+        self.SUSPICIOUS_RATE_LIMIT_HITS = env.integer("SUSPICIOUS_RATE_LIMIT_HITS", 20, minimum=1)
+
         self.SCHEDULER_ENABLED = env.boolean("SCHEDULER_ENABLED", True)
         self.ORPHAN_SWEEP_INTERVAL_MINUTES = env.integer(
             "ORPHAN_SWEEP_INTERVAL_MINUTES", 30, minimum=1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
 from app import jobs
+from app.services import audit
 
 cleanup = AppGroup("cleanup", help="Run a clean-up job now and print its summary.")
 dry_run_option = click.option(
@@ -36,5 +38,31 @@ def abandoned(dry_run: bool) -> None:
     _print(jobs.run_abandoned_purge(dry_run=dry_run), "abandoned-session purge")
 
 
+@cleanup.command("retention")
+@dry_run_option
+def retention(dry_run: bool) -> None:
+    """Erase verified sessions and audit rows older than their retention."""
+    _print(jobs.run_retention(dry_run=dry_run), "retention run")
+
+
+audit_group = AppGroup("audit", help="Read the audit trail.")
+
+
+@audit_group.command("show")
+@click.argument("session_uuid", type=click.UUID)
+def show(session_uuid: uuid.UUID) -> None:
+    """Print a session's audit trail, oldest first, one event per line."""
+    events = audit.trail(session_uuid)
+    if not events:
+        raise click.ClickException(f"no audit events for {session_uuid}")
+    for event in events:
+        click.echo(
+            f"{event.occurred_at.isoformat()}  {event.event_type:<28} "
+            f"ip={event.client_ip or '-'}  correlation={event.correlation_id or '-'}  "
+            f"{json.dumps(event.details, sort_keys=True)}"
+        )
+
+
 def init_app(app: Flask) -> None:
     app.cli.add_command(cleanup)
+    app.cli.add_command(audit_group)

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from app.messages import GENERAL_ERROR
 from app.middleware import current_correlation_id
+from app.services import admin_alerts
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def _validation_details(exc: HTTPException) -> dict[str, Any] | None:
 def handle_domain_error(exc: DomainError) -> Response:
     if exc.status_code >= 500:
         log.error("domain failure", extra={"error": exc.error}, exc_info=exc)
+        admin_alerts.report_exception(exc, status=exc.status_code)
     response = error_response(exc.status_code, exc.error, exc.message, exc.details)
     if exc.status_code == 503:
         response.headers["Retry-After"] = "5"
@@ -177,6 +179,7 @@ def handle_domain_error(exc: DomainError) -> Response:
 def handle_http_exception(exc: HTTPException) -> Response:
     status_code = exc.code or 500
     if status_code >= 500:
+        admin_alerts.report_exception(exc, status=status_code)
         return error_response(status_code, "internal_error", GENERAL_ERROR)
     response = error_response(
         status_code,
@@ -191,6 +194,7 @@ def handle_http_exception(exc: HTTPException) -> Response:
 
 def handle_database_unavailable(exc: OperationalError) -> Response:
     log.error("database unavailable", exc_info=exc)
+    admin_alerts.report_exception(exc, status=503)
     response = error_response(503, "database_unavailable", GENERAL_ERROR)
     response.headers["Retry-After"] = "5"
     return response
@@ -198,6 +202,7 @@ def handle_database_unavailable(exc: OperationalError) -> Response:
 
 def handle_unexpected(exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
+    admin_alerts.report_exception(exc, status=500)
     return error_response(500, "internal_error", GENERAL_ERROR)
 
 

@@ -14,6 +14,8 @@ from app.services.abandoned_sessions import PurgeReport, purge_abandoned
 from app.services.job_runs import exclusive_run
 from app.services.orphan_sweep import JOB_NAME as ORPHAN_SWEEP
 from app.services.orphan_sweep import SweepReport, sweep_orphans
+from app.services.retention import JOB_NAME as RETENTION
+from app.services.retention import RetentionReport, apply_retention
 from app.storage import current_storage
 
 
@@ -43,6 +45,25 @@ def run_abandoned_purge(*, dry_run: bool = False, scheduled: bool = False) -> Pu
         ABANDONED_PURGE,
         "ABANDONED_PURGE_INTERVAL_MINUTES",
         lambda now: purge_abandoned(now=now, idle=idle, dry_run=dry_run),
+        dry_run=dry_run,
+        scheduled=scheduled,
+    )
+
+
+def run_retention(*, dry_run: bool = False, scheduled: bool = False) -> RetentionReport | None:
+    """Apply data and audit retention; None if another run has the job or (scheduled) just ran."""
+    config = current_app.config
+    data_retention = timedelta(days=config["DATA_RETENTION_DAYS"])
+    audit_retention = timedelta(days=config["AUDIT_RETENTION_DAYS"])
+    return _run(
+        RETENTION,
+        "RETENTION_INTERVAL_MINUTES",
+        lambda now: apply_retention(
+            now=now,
+            data_retention=data_retention,
+            audit_retention=audit_retention,
+            dry_run=dry_run,
+        ),
         dry_run=dry_run,
         scheduled=scheduled,
     )

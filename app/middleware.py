@@ -35,6 +35,26 @@ def _caller_correlation_id() -> str | None:
         return None
 
 
+def request_session_uuid() -> uuid.UUID | None:
+    """The session a request names, wherever it names it (path, header or JSON body)."""
+    candidates = [
+        (request.view_args or {}).get("session_uuid"),
+        request.headers.get("X-Session-ID"),
+    ]
+    body = request.get_json(silent=True) if request.is_json else None
+    if isinstance(body, dict):
+        candidates += [body.get("uuid"), body.get("session_uuid")]
+    for candidate in candidates:
+        if isinstance(candidate, uuid.UUID):
+            return candidate
+        if isinstance(candidate, str) and len(candidate) <= 64:
+            try:
+                return uuid.UUID(candidate)
+            except ValueError:
+                continue
+    return None
+
+
 def request_audit_context() -> AuditContext:
     """Who is asking, in the reduced form the audit trail keeps."""
     return AuditContext(

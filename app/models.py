@@ -169,3 +169,18 @@ class EmailSend(Base):
         Index("ix_email_sends_session_uuid_sent_at", "session_uuid", "sent_at"),
         Index("ix_email_sends_address_hash_sent_at", "address_hash", "sent_at"),
     )
+
+
+class ConsentEvent(Base):
+    """One consent decision: given or withdrawn, when, from where, under which wording."""
+
+    __tablename__ = "consent_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    session_uuid: Mapped[uuid.UUID] = mapped_column(Uuid(as_uuid=True), index=True)
+    granted: Mapped[bool] = mapped_column()
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    wording_version: Mapped[str] = mapped_column(String(32))

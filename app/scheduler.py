@@ -12,6 +12,7 @@ from flask import Flask
 
 from app import jobs
 from app.extensions import db
+from app.services import admin_alerts
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def init_app(app: Flask) -> None:
     schedule = [
         ("orphan_sweep", "ORPHAN_SWEEP_INTERVAL_MINUTES", jobs.run_orphan_sweep),
         ("abandoned_sessions", "ABANDONED_PURGE_INTERVAL_MINUTES", jobs.run_abandoned_purge),
+        ("retention", "RETENTION_INTERVAL_MINUTES", jobs.run_retention),
     ]
     for name, interval_setting, job in schedule:
         scheduler.add_job(
@@ -48,8 +50,9 @@ def _in_app_context(app: Flask, name: str, job: Callable[..., Any]) -> Callable[
         with app.app_context():
             try:
                 job(scheduled=True)
-            except Exception:
+            except Exception as exc:
                 db.session.rollback()
                 log.exception("scheduled job failed", extra={"job": name})
+                admin_alerts.report_exception(exc)
 
     return run

@@ -209,3 +209,63 @@ class VerificationOutcomeSchema(ma.Schema):
         required=True,
         validate=validate.OneOf(["EMAIL_INPUT", "CODE_INPUT", "SESSION_RESET", "CHAT_READY"]),
     )
+
+
+class RectifyRequestSchema(ma.Schema):
+    """Corrections; ``null`` removes a value, an absent field leaves it unchanged."""
+
+    name = fields.String(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
+    email = fields.String(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+
+
+class ConsentRequestSchema(ma.Schema):
+    """The user's consent decision."""
+
+    consent_user_data = StrictBoolean(required=True)
+
+
+class ConsentEventSchema(ma.Schema):
+    """One consent decision."""
+
+    granted = fields.Boolean(required=True)
+    occurred_at = fields.AwareDateTime(required=True)
+    client_ip = fields.String(allow_none=True, metadata={"description": "Truncated"})
+    wording_version = fields.String(required=True)
+
+
+class AuditEventSchema(ma.Schema):
+    """One audit event of the session."""
+
+    occurred_at = fields.AwareDateTime(required=True)
+    event_type = fields.String(required=True)
+    client_ip = fields.String(allow_none=True)
+    correlation_id = fields.String(allow_none=True)
+    details = fields.Dict(required=True)
+
+
+class ExportProfileSchema(ma.Schema):
+    """The session's own record."""
+
+    uuid = fields.UUID(required=True)
+    state = fields.String(required=True)
+    created_at = fields.AwareDateTime(required=True)
+    last_seen_at = fields.AwareDateTime(required=True)
+    completed_at = fields.AwareDateTime(allow_none=True)
+    client_ip = fields.String(allow_none=True)
+    name = fields.String(allow_none=True)
+    email = fields.String(allow_none=True)
+    email_verified = fields.Boolean(required=True)
+    consent_user_data = fields.Boolean(required=True)
+    consent_at = fields.AwareDateTime(allow_none=True)
+
+
+class SessionExportSchema(ma.Schema):
+    """Everything held about one session (GDPR access and portability)."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    exported_at = fields.AwareDateTime(required=True)
+    profile = fields.Nested(ExportProfileSchema, required=True)
+    consent_history = fields.List(fields.Nested(ConsentEventSchema), required=True)
+    files = fields.List(fields.Nested(SessionFileSchema), required=True)
+    audit_events = fields.List(fields.Nested(AuditEventSchema), required=True)

@@ -7,6 +7,7 @@ them the tests that need them are skipped, unless ``TEST_REQUIRE_SERVICES=1`` (a
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import os
@@ -28,7 +29,14 @@ from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.extensions import db
-from app.models import AuditEvent, ChatSession, EmailSend, JobRun, RetiredSessionUUID
+from app.models import (
+    AuditEvent,
+    ChatSession,
+    ConsentEvent,
+    EmailSend,
+    JobRun,
+    RetiredSessionUUID,
+)
 
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
@@ -126,7 +134,7 @@ def build_app(database_url: str, **overrides: str) -> Flask:
         if database_url not in _migrated:
             upgrade()
             _migrated.add(database_url)
-        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun, EmailSend):
+        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun, EmailSend, ConsentEvent):
             db.session.execute(delete(model))
         db.session.commit()
     return app
@@ -209,25 +217,31 @@ def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 class Inbox:
-    """Messages received by the test SMTP server."""
+    """Messages received by the test SMTP server, optionally after a delay."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.messages: list[EmailMessage] = []
+        self.delay = delay
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [message for message in self.messages if message["To"] == address]
 
     async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         self.messages.append(message)  # type: ignore[arg-type]
         return "250 Message accepted"
 
 
 @contextmanager
-def smtp_server(port: int | None = None) -> Iterator[tuple[int, Inbox]]:
+def smtp_server(port: int | None = None, delay: float = 0.0) -> Iterator[tuple[int, Inbox]]:
     """A real SMTP server (aiosmtpd) on loopback; yields its port and inbox."""
     from aiosmtpd.controller import Controller
 
     from tests.servers import free_port
 
-    inbox = Inbox()
+    inbox = Inbox(delay)
     controller = Controller(inbox, hostname="127.0.0.1", port=port or free_port())
     controller.start()
     try:

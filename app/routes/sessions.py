@@ -10,15 +10,19 @@ from app.middleware import request_audit_context
 from app.privacy import mask_email
 from app.routes import ApiBlueprint, rate_limited
 from app.schemas import (
+    ConsentRequestSchema,
+    MessageSchema,
     PersistSessionRequestSchema,
     PersistSessionResponseSchema,
+    RectifyRequestSchema,
+    SessionExportSchema,
     SessionStateSchema,
     UuidIssuedSchema,
     ValidateUuidRequestSchema,
     ValidateUuidResponseSchema,
 )
-from app.services import chat_sessions
-from app.services.chat_sessions import Verdict
+from app.services import chat_sessions, data_rights
+from app.services.chat_sessions import SessionOverview, Verdict
 
 sessions_bp = ApiBlueprint(
     "sessions",
@@ -94,11 +98,14 @@ def persist_session(body: dict[str, Any]) -> dict[str, Any]:
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def get_session(session_uuid: uuid.UUID) -> dict[str, Any]:
     """The session's state, times, consent and masked e-mail."""
-    overview = chat_sessions.describe(session_uuid)
+    return _overview(chat_sessions.describe(session_uuid), "Session found.")
+
+
+def _overview(overview: SessionOverview, message: str) -> dict[str, Any]:
     chat_session = overview.chat_session
     return {
         "status": "success",
-        "message": "Session found.",
+        "message": message,
         "uuid": chat_session.uuid,
         "state": chat_session.state.value,
         "created_at": chat_session.created_at,
@@ -110,3 +117,71 @@ def get_session(session_uuid: uuid.UUID) -> dict[str, Any]:
         "email_masked": mask_email(chat_session.email),
         "file_count": overview.file_count,
     }
+
+
+@sessions_bp.route("/session/<uuid:session_uuid>/export", methods=["GET"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.response(200, SessionExportSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+@sessions_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def export_session(session_uuid: uuid.UUID) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Everything held about the session, as a JSON download (GDPR access and portability)."""
+    exported = data_rights.export(session_uuid, request_audit_context())
+    body = {
+        "status": "success",
+        "message": "Everything this service holds about the session.",
+        "exported_at": exported.exported_at,
+        "profile": exported.chat_session,
+        "consent_history": exported.consent_history,
+        "files": exported.files,
+        "audit_events": exported.audit_events,
+    }
+    disposition = f'attachment; filename="session-{session_uuid}.json"'
+    return body, 200, {"Content-Disposition": disposition}
+
+
+@sessions_bp.route("/session/<uuid:session_uuid>", methods=["PATCH"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.arguments(RectifyRequestSchema)
+@sessions_bp.response(200, SessionStateSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+def rectify_session(changes: dict[str, Any], session_uuid: uuid.UUID) -> dict[str, Any]:
+    """Correct name or e-mail (GDPR rectification); a new e-mail must be verified again."""
+    overview = data_rights.rectify(session_uuid, changes, request_audit_context())
+    return _overview(overview, "Session updated.")
+
+
+@sessions_bp.route("/session/<uuid:session_uuid>/consent", methods=["POST"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.arguments(ConsentRequestSchema)
+@sessions_bp.response(200, PersistSessionResponseSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+@sessions_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def set_consent(body: dict[str, Any], session_uuid: uuid.UUID) -> dict[str, Any]:
+    """Grant consent, or withdraw it: name, e-mail, verification and files are erased."""
+    chat_session = data_rights.set_consent(
+        session_uuid, body["consent_user_data"], request_audit_context()
+    )
+    granted = chat_session.consent_user_data
+    return {
+        "status": "success",
+        "uuid": chat_session.uuid,
+        "message": "Consent recorded." if granted else "Consent withdrawn; personal data erased.",
+        "consent_user_data": granted,
+    }
+
+
+@sessions_bp.route("/session/<uuid:session_uuid>", methods=["DELETE"])
+@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@sessions_bp.response(200, MessageSchema)
+@sessions_bp.alt_response(404, response="NOT_FOUND")
+@sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
+@sessions_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def delete_session(session_uuid: uuid.UUID) -> dict[str, Any]:
+    """Erase the session completely and retire its UUID; repeating it is a no-op."""
+    erased_now = data_rights.erase(session_uuid, request_audit_context())
+    message = "Session erased." if erased_now else "Session was already erased."
+    return {"status": "success", "message": message}

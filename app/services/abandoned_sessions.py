@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, delete, select
 
 from app.extensions import db
 from app.models import ChatSession, EmailSend, RetirementReason, SessionState
-from app.services import audit
+from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
 from app.services.erasure import erase_sessions
 from app.storage import StorageUnavailable, current_storage, session_objects
@@ -85,6 +85,7 @@ def _purge(eligible: ColumnElement[bool], report: PurgeReport) -> None:
             )
             audit.record("abandoned_purge_error", SYSTEM, error=str(exc)[:500], sessions=len(batch))
             db.session.commit()
+            admin_alerts.report_job_error(JOB_NAME, str(exc)[:500])
             return
         report.sessions_purged += len(erased)
         report.files_deleted += sum(erased.values())

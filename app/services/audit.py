@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, insert, select
 
 from app.clock import utcnow
 from app.extensions import db
@@ -63,3 +63,14 @@ def record_many(
 
 # Built once: building an INSERT costs more than running it.
 _INSERT = insert(cast(Table, AuditEvent.__table__))
+
+
+def trail(session_uuid: uuid.UUID) -> list[AuditEvent]:
+    """A session's audit events, oldest first."""
+    return list(
+        db.session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.session_uuid == session_uuid)
+            .order_by(AuditEvent.occurred_at, AuditEvent.id)
+        )
+    )

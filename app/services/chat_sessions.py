@@ -35,7 +35,7 @@ from app.errors import (
 )
 from app.extensions import db
 from app.models import ChatSession, RetiredSessionUUID, SessionState
-from app.services import audit
+from app.services import audit, consent
 from app.services.audit import AuditContext
 from app.storage import StorageUnavailable, current_storage, session_objects
 
@@ -146,31 +146,28 @@ def persist(
         raise InvalidRequest(details={"uuid": ["Not a UUID version 4."]})
     if (name is not None or email is not None) and not consent_user_data:
         raise ConsentRequired()
-    clean_name = _clean_name(name)
-    clean_email = _normalise_email(email)
+    new_name = clean_name(name)
+    new_email = normalise_email(email)
 
     chat_session = _live_session(session_uuid, for_update=True)
     now = utcnow()
     chat_session.last_seen_at = now
     if not consent_user_data:
+        # Declining at the first ask erases nothing; taking back a given consent erases all.
         if chat_session.consent_user_data:
-            _erase_personal_data(chat_session)
-            audit.record("consent_withdrawn", context, session_uuid)
+            consent.withdraw(chat_session, context, now)
         else:
             audit.record("consent_declined", context, session_uuid)
         db.session.commit()
         return chat_session
 
-    if not chat_session.consent_user_data:
-        chat_session.consent_user_data = True
-        chat_session.consent_at = now
-        audit.record("consent_granted", context, session_uuid)
+    consent.grant(chat_session, context, now)
     changed = []
-    if clean_name is not None and clean_name != chat_session.name:
-        chat_session.name = clean_name
+    if new_name is not None and new_name != chat_session.name:
+        chat_session.name = new_name
         changed.append("name")
-    if clean_email is not None and clean_email != chat_session.email:
-        chat_session.email = clean_email
+    if new_email is not None and new_email != chat_session.email:
+        chat_session.email = new_email
         require_email_verification(chat_session)
         changed.append("email")
     if changed:
@@ -192,7 +189,7 @@ def _live_session(session_uuid: uuid.UUID, *, for_update: bool = False) -> ChatS
     return chat_session
 
 
-def _clean_name(name: str | None) -> str | None:
+def clean_name(name: str | None) -> str | None:
     if name is None:
         return None
     stripped = " ".join(name.split())
@@ -201,7 +198,7 @@ def _clean_name(name: str | None) -> str | None:
     return stripped
 
 
-def _normalise_email(email: str | None) -> str | None:
+def normalise_email(email: str | None) -> str | None:
     if email is None:
         return None
     try:
@@ -211,21 +208,16 @@ def _normalise_email(email: str | None) -> str | None:
 
 
 def require_email_verification(chat_session: ChatSession) -> None:
-    """A new address is unverified, so the session is no longer complete."""
-    chat_session.email_verified = False
-    chat_session.state = SessionState.PENDING
-    chat_session.completed_at = None
+    """A new address is unverified, so the session is no longer complete.
 
-
-def _erase_personal_data(chat_session: ChatSession) -> None:
-    chat_session.consent_user_data = False
-    chat_session.consent_at = None
-    chat_session.name = None
-    chat_session.email = None
+    A code sent to the previous address must not verify the new one, so it is voided.
+    """
     chat_session.verification_code_hash = None
     chat_session.verification_code_expires_at = None
     chat_session.verification_attempts_left = None
-    require_email_verification(chat_session)
+    chat_session.email_verified = False
+    chat_session.state = SessionState.PENDING
+    chat_session.completed_at = None
 
 
 def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:

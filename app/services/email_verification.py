@@ -27,7 +27,7 @@ from app.mail import MailUnavailable, current_mailer
 from app.messages import SESSION_RESET
 from app.models import ChatSession, EmailSend, SessionState
 from app.privacy import mask_email
-from app.services import audit, chat_sessions
+from app.services import audit, chat_sessions, security_monitor
 from app.services.audit import AuditContext
 
 CODE_DIGITS = 6
@@ -151,6 +151,7 @@ def verify_code(session_uuid: uuid.UUID, code: str, context: AuditContext) -> Ou
         _clear_code(chat_session)
     audit.record("verification_code_rejected", context, session_uuid, attempts_left=attempts_left)
     db.session.commit()
+    security_monitor.watch_failed_codes(context, session_uuid)
     if attempts_left == 0:
         return _failure(
             "too_many_attempts",

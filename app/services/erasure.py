@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, Table, bindparam, delete, insert
 
 from app.clock import utcnow
 from app.extensions import db
-from app.models import ChatSession, RetiredSessionUUID, RetirementReason
+from app.models import ChatSession, ConsentEvent, RetiredSessionUUID, RetirementReason
 from app.services import audit
 from app.services.audit import AuditContext
 from app.storage import StorageUnavailable, current_storage, session_objects
@@ -28,9 +28,10 @@ def erase_sessions(
 
     The rows are deleted first, which locks them, so a request touching one of these
     sessions waits and then finds it gone. Then the files go, then the transaction
-    commits with the tombstones and audit rows. If storage fails the transaction is
-    rolled back (nothing in the database changes) and StorageUnavailable is raised, so
-    a retry finishes the job. Returns the number of files erased per erased session.
+    commits, removing the consent history and adding tombstones and audit rows. If
+    storage fails the transaction is rolled back (nothing in the database changes) and
+    StorageUnavailable is raised, so a retry finishes the job. Returns the number of
+    files erased per erased session.
     """
     if not session_uuids:
         return {}
@@ -50,6 +51,12 @@ def erase_sessions(
     except StorageUnavailable:
         db.session.rollback()
         raise
+    db.session.execute(
+        delete(ConsentEvent).where(
+            ConsentEvent.session_uuid.in_(bindparam("uuids", expanding=True))
+        ),
+        {"uuids": erased},
+    )
     now = utcnow()
     db.session.execute(
         insert(RetiredSessionUUID),

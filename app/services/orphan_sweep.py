@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, select
 
 from app.extensions import db
 from app.models import ChatSession
-from app.services import audit
+from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
 from app.services.chat_sessions import parse_uuid4
 from app.storage import BATCH_SIZE, UPLOADS_PREFIX, Storage, StorageUnavailable, StoredObject
@@ -245,3 +245,4 @@ def _record_error(session_uuid: uuid.UUID | None, keys: tuple[str, ...], error: 
     )
     audit.record("orphan_sweep_error", SYSTEM, session_uuid, keys=list(keys), error=text)
     db.session.commit()
+    admin_alerts.report_job_error(JOB_NAME, text, session_uuid)

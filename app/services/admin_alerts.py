@@ -1,0 +1,170 @@
+"""Telling the administrator: unexpected errors, job errors and suspicious bursts.
+
+Notifications are built from what is known at the moment of the error, then handed to one
+background thread that adds the session's recent audit events ("user actions") and mails
+ADMIN_EMAIL; the request never waits for the mail server, and a failing mail server is
+only logged. Each signature is sent at most once per ADMIN_NOTIFY_DEDUP_MINUTES in each
+process. Without ADMIN_EMAIL the notification is logged instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+
+from flask import Flask, current_app, has_request_context, request
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.clock import utcnow
+from app.extensions import db
+from app.logging_setup import recent_problems
+from app.mail import MailUnavailable, current_mailer
+from app.middleware import current_correlation_id, request_session_uuid
+from app.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+USER_ACTIONS_SHOWN = 20
+
+
+@dataclass
+class Alert:
+    """One notification, as gathered where the problem happened."""
+
+    subject: str
+    signature: str
+    facts: dict[str, str]
+    session_uuid: uuid.UUID | None = None
+    sections: dict[str, str] = field(default_factory=dict)
+
+
+class AdminAlerts:
+    """Deduplicates alerts and delivers them from a background thread."""
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin-alerts")
+        self._last_sent: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+
+    def send(self, alert: Alert) -> Future[None] | None:
+        """Queue ``alert`` unless the same signature went out within the window."""
+        window = timedelta(minutes=self._app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
+        now = utcnow()
+        with self._lock:
+            last = self._last_sent.get(alert.signature)
+            if last is not None and now - last < window:
+                return None
+            self._last_sent[alert.signature] = now
+        return self._executor.submit(self._deliver, alert)
+
+    def _deliver(self, alert: Alert) -> None:
+        try:
+            with self._app.app_context():
+                if alert.session_uuid is not None:
+                    alert.sections["User actions (latest audit events of the session)"] = (
+                        _user_actions(alert.session_uuid)
+                    )
+                address = current_app.config["ADMIN_EMAIL"]
+                if address is None:
+                    log.warning("admin notification, ADMIN_EMAIL unset: %s", alert.subject)
+                    return
+                current_mailer().send(_compose(alert, address))
+        except MailUnavailable:
+            log.error("admin notification not sent: mail server unavailable")
+        except Exception:
+            log.exception("admin notification failed")
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["admin_alerts"] = AdminAlerts(app)
+
+
+def current_alerts() -> AdminAlerts:
+    alerts: AdminAlerts = current_app.extensions["admin_alerts"]
+    return alerts
+
+
+def report_exception(exc: BaseException, *, status: int | None = None) -> None:
+    """Notify about an error that answered ``status`` (5xx), or broke a job (no status)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+    facts = {"Time": utcnow().isoformat(), "Error": f"{type(exc).__name__}: {exc}"}
+    session_uuid = None
+    endpoint = "a background job"
+    if has_request_context():
+        endpoint = request.endpoint or "unmatched"
+        session_uuid = request_session_uuid()
+        facts.update(
+            {
+                "Status": str(status),
+                "Correlation ID": current_correlation_id(),
+                "Session UUID": str(session_uuid) if session_uuid else "unknown",
+                "Request": f"{request.method} {request.path}",
+            }
+        )
+    current_alerts().send(
+        Alert(
+            subject=f"{status or 'Error'} {type(exc).__name__} in {endpoint}",
+            signature=f"exception:{type(exc).__name__}:{where}:{endpoint}",
+            facts=facts,
+            session_uuid=session_uuid,
+            sections={
+                "Stack trace": "".join(traceback.format_exception(exc)),
+                "Recent warnings and errors": "\n".join(recent_problems.lines),
+            },
+        )
+    )
+
+
+def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None) -> None:
+    """Notify about an error a background job recorded and survived."""
+    current_alerts().send(
+        Alert(
+            subject=f"{job}: {error[:80]}",
+            signature=f"job:{job}:{error[:120]}",
+            facts={"Time": utcnow().isoformat(), "Job": job, "Error": error},
+            session_uuid=session_uuid,
+        )
+    )
+
+
+def _user_actions(session_uuid: uuid.UUID) -> str:
+    try:
+        events = db.session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.session_uuid == session_uuid)
+            .order_by(AuditEvent.occurred_at.desc(), AuditEvent.id.desc())
+            .limit(USER_ACTIONS_SHOWN)
+        ).all()
+    except SQLAlchemyError:
+        return "(unavailable: the database could not be read)"
+    finally:
+        db.session.rollback()
+    return (
+        "\n".join(
+            f"{event.occurred_at.isoformat()} {event.event_type} {event.details}"
+            for event in reversed(events)
+        )
+        or "(none)"
+    )
+
+
+def _compose(alert: Alert, address: str) -> EmailMessage:
+    config = current_app.config
+    lines = [f"{name}: {value}" for name, value in alert.facts.items()]
+    for title, text in alert.sections.items():
+        lines += ["", f"== {title} ==", text or "(none)"]
+    message = EmailMessage()
+    message["Subject"] = f"[{config['SERVICE_NAME']}] {alert.subject}"
+    message["From"] = config["MAIL_FROM"]
+    message["To"] = address
+    message.set_content("\n".join(lines))
+    return message

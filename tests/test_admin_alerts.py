@@ -1,0 +1,148 @@
+"""Admin notifications over real SMTP: unexpected errors, job errors and suspicious bursts."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from flask import Flask
+
+from app.messages import GENERAL_ERROR
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, smtp_env, smtp_server
+from tests.servers import free_port
+
+ADMIN = "admin@ops.example"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def with_failing_route(app: Flask) -> Flask:
+    """Register a route that always raises (tests only)."""
+
+    @app.post("/api/v1/test-failure")
+    def failure() -> str:
+        raise RuntimeError("forced failure for the test")
+
+    return app
+
+
+def test_a_500_mails_the_admin_once_per_window_without_delaying_the_answer(
+    database_url: str,
+) -> None:
+    with smtp_server(delay=1.5) as (port, inbox):
+        app = with_failing_route(build_app(database_url, ADMIN_EMAIL=ADMIN, **smtp_env(port)))
+        client = app.test_client()
+        session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+
+        started = time.monotonic()
+        response = client.post(
+            "/api/v1/test-failure", json={"uuid": session_uuid}, headers=JSON_HEADERS
+        )
+        elapsed = time.monotonic() - started
+
+        assert response.status_code == 500
+        assert response.get_json()["message"] == GENERAL_ERROR
+        assert elapsed < 1.0, "the response waited for the mail server"
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        [alert] = inbox.to(ADMIN)
+        text = alert.get_body(preferencelist=("plain",)).get_content()
+        assert response.headers["X-Correlation-ID"] in text
+        assert f"Session UUID: {session_uuid}" in text
+        assert "POST /api/v1/test-failure" in text
+        assert "RuntimeError: forced failure for the test" in text
+        assert "Traceback" in text
+        assert re.search(r"User actions.*\n.*uuid_generated", text)
+
+        again = client.post(
+            "/api/v1/test-failure", json={"uuid": session_uuid}, headers=JSON_HEADERS
+        )
+        assert again.status_code == 500
+        assert not wait_for(lambda: len(inbox.to(ADMIN)) > 1, timeout=3.0)
+
+
+def test_a_failing_mail_server_never_breaks_the_answer(database_url: str) -> None:
+    app = with_failing_route(build_app(database_url, ADMIN_EMAIL=ADMIN, **smtp_env(free_port())))
+
+    response = app.test_client().post("/api/v1/test-failure")
+
+    assert response.status_code == 500
+    assert response.get_json()["message"] == GENERAL_ERROR
+
+
+def test_a_burst_of_failed_codes_is_notified_once(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            database_url, ADMIN_EMAIL=ADMIN, SUSPICIOUS_FAILED_CODES="3", **smtp_env(port)
+        )
+        client = app.test_client()
+
+        def guess_wrong(times: int) -> None:
+            session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+            headers = {**JSON_HEADERS, "X-Session-ID": session_uuid}
+            client.post(
+                "/api/v1/email-verification/verify-email",
+                json={"email": f"{uuid.uuid4().hex[:8]}@example.org"},
+                headers=headers,
+            )
+            for _ in range(times):
+                client.post(
+                    "/api/v1/email-verification/verify-code",
+                    json={"code": "000000"},
+                    headers=headers,
+                )
+
+        guess_wrong(3)
+        guess_wrong(2)
+
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        assert not wait_for(lambda: len(inbox.to(ADMIN)) > 1, timeout=2.0)
+        [alert] = inbox.to(ADMIN)
+        assert "Suspicious activity" in alert["Subject"]
+        assert "IP 127.0.0.0" in alert["Subject"]
+
+
+def test_a_burst_of_rate_limit_hits_is_audited_and_notified(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            database_url,
+            ADMIN_EMAIL=ADMIN,
+            SESSION_RATE_LIMIT="2/minute",
+            SUSPICIOUS_RATE_LIMIT_HITS="3",
+            **smtp_env(port),
+        )
+        client = app.test_client()
+
+        statuses = [client.post("/api/v1/generate-uuid").status_code for _ in range(6)]
+
+        assert statuses == [200, 200, 429, 429, 429, 429]
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        assert "rate-limit hits" in inbox.to(ADMIN)[0]["Subject"]
+    assert len(audit_rows(app, "rate_limited")) == 4
+
+
+def test_a_job_error_is_notified(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            database_url,
+            ADMIN_EMAIL=ADMIN,
+            STORAGE_BACKEND="s3",
+            S3_BUCKET="b",
+            S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+            S3_CONNECT_TIMEOUT_SECONDS="1",
+            S3_MAX_ATTEMPTS="1",
+            **smtp_env(port),
+        )
+        result = app.test_cli_runner().invoke(args=["cleanup", "orphans"])
+
+        assert result.exit_code == 0
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        assert "orphan_sweep" in inbox.to(ADMIN)[0]["Subject"]
