@@ -14,6 +14,9 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
+# TLS straight from gunicorn, when no TLS-terminating proxy stands in front.
+certfile = os.environ.get("GUNICORN_CERTFILE") or None
+keyfile = os.environ.get("GUNICORN_KEYFILE") or None
 # The app writes its own JSON access log without session UUIDs; gunicorn's would log raw paths.
 accesslog = None
 errorlog = "-"

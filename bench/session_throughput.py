@@ -25,6 +25,7 @@ import time
 import uuid
 from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 from sqlalchemy.engine import make_url
@@ -32,7 +33,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import free_port, wait_until_listening  # noqa: E402
+from tests.servers import gunicorn_process  # noqa: E402
 
 
 def admin(url: str, statement: str) -> None:
@@ -50,35 +51,6 @@ def scratch_database(admin_url: str):
         yield make_url(admin_url).set(drivername="postgresql", database=name)
     finally:
         admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def gunicorn(app_path: str, env: dict[str, str], workers: int):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            app_path,
-            "--config",
-            str(ROOT / "gunicorn.conf.py"),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_listening(f"http://127.0.0.1:{port}/", process)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _client_process(
@@ -166,9 +138,14 @@ def main() -> None:
             capture_output=True,
         )
         with (
-            gunicorn("wsgi:app", app_env, args.workers) as app_port,
-            gunicorn("bench.bare_app:app", {"BARE_DSN": dsn}, args.workers) as bare_port,
+            gunicorn_process(
+                "wsgi:app", app_env, workers=args.workers, probe_path="/health"
+            ) as app_url,
+            gunicorn_process(
+                "bench.bare_app:app", {"BARE_DSN": dsn}, workers=args.workers
+            ) as bare_url,
         ):
+            app_port, bare_port = urlsplit(app_url).port, urlsplit(bare_url).port
             known = []
             for _ in range(200):
                 conn = http.client.HTTPConnection("127.0.0.1", app_port)

@@ -114,6 +114,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         # Generous by default so only the rate-limit tests meet the limit.
         "SESSION_RATE_LIMIT": "1000/minute",
         "SESSION_RESOURCE_RATE_LIMIT": "1000/minute",
+        "UPLOAD_RATE_LIMIT": "1000/minute",
+        "EMAIL_RATE_LIMIT": "1000/minute",
         "RATELIMIT_STORAGE_URI": "memory://",
         # flask-limiter keeps the first key prefix it is bound with for the life of the
         # process, so there is one per test run; Redis tests clear it before they count.

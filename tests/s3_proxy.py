@@ -46,12 +46,14 @@ class S3Proxy:
         self.upstream_host = target.hostname or "127.0.0.1"
         self.upstream_port = target.port or 80
         self.counts: Counter[str] = Counter()
+        self.completed: Counter[str] = Counter()
         self.fault: FaultRule | None = None
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.completed.clear()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -62,9 +64,20 @@ class S3Proxy:
             def log_message(self, *args: object) -> None:
                 return
 
-            def _relay(self) -> None:
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                return self.rfile.read(length) if length else b""
+
+            def _relay(self) -> None:
+                body = self._body()
                 name = operation(self.command, self.path)
                 with proxy._lock:
                     proxy.counts[name] += 1
@@ -80,7 +93,8 @@ class S3Proxy:
                 upstream = http.client.HTTPConnection(
                     proxy.upstream_host, proxy.upstream_port, timeout=30
                 )
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                dropped = {"connection", "transfer-encoding", "content-length"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
                 response = upstream.getresponse()
                 payload = response.read()
@@ -93,6 +107,8 @@ class S3Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(payload)
                 upstream.close()
+                with proxy._lock:
+                    proxy.completed[name] += 1
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 

@@ -1,0 +1,238 @@
+"""Faults: storage failing mid-operation, the database gone, a sweep killed halfway.
+
+Storage faults are real S3 protocol errors: the app talks to a proxy in front of the moto
+server that answers chosen requests with HTTP 500 instead of forwarding them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import boto3
+import pytest
+from flask import Flask
+
+from app import create_app
+from app.clock import utcnow
+from app.messages import GENERAL_ERROR
+from app.services.orphan_sweep import sweep_orphans
+from app.storage import current_storage
+from tests.conftest import (
+    JSON_HEADERS,
+    audit_rows,
+    base_env,
+    build_app,
+    s3_env,
+    session_row,
+    smtp_env,
+    smtp_server,
+)
+from tests.s3_proxy import S3Proxy
+from tests.servers import PROJECT_ROOT, free_port
+
+S3_ERROR = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
+PDF = b"%PDF-1.7 fault test"
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
+    s3_proxy = S3Proxy(s3_endpoint)
+    with s3_proxy.serving() as url:
+        yield s3_proxy, url
+
+
+@pytest.fixture
+def faulty_app(database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]) -> Flask:
+    settings = s3_env(s3_endpoint)
+    settings["S3_ENDPOINT_URL"] = proxy[1]
+    return build_app(database_url, S3_MAX_ATTEMPTS="2", **settings)
+
+
+def fail(operation: str, containing: bytes = b"") -> object:
+    """A fault rule: answer ``operation`` with 500 when its path or body contains ``containing``."""
+
+    def rule(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        if name == operation and (containing in body or containing.decode() in path):
+            return 500, S3_ERROR
+        return None
+
+    return rule
+
+
+def stored(app: Flask) -> list[str]:
+    with app.app_context():
+        return [o.key for page in current_storage().list_pages("uploads/") for o in page]
+
+
+def new_session_with_file(app: Flask) -> str:
+    client = app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+    response = client.post(
+        "/api/v1/upload",
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 200
+    return session_uuid
+
+
+def test_upload_when_storing_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
+    proxy[0].fault = fail("PutObject")
+    client = faulty_app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+
+    response = client.post(
+        "/api/v1/upload",
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+        content_type="multipart/form-data",
+    )
+
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "storage_unavailable"
+    assert proxy[0].counts["PutObject"] >= 2  # retried, then given up
+    proxy[0].fault = None
+    assert stored(faulty_app) == []
+    assert audit_rows(faulty_app, "file_uploaded") == []
+
+
+def test_delete_when_deleting_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
+    session_uuid = new_session_with_file(faulty_app)
+    proxy[0].fault = fail("DeleteObjects")
+
+    response = faulty_app.test_client().delete(
+        "/api/v1/delete",
+        json={"filename": "cv.pdf", "session_uuid": session_uuid},
+        headers=JSON_HEADERS,
+    )
+
+    assert response.status_code == 503
+    proxy[0].fault = None
+    assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
+    assert audit_rows(faulty_app, "file_deleted") == []
+
+
+def test_erasure_when_deleting_fails_then_a_retry_completes(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    session_uuid = new_session_with_file(faulty_app)
+    client = faulty_app.test_client()
+    proxy[0].fault = fail("DeleteObjects")
+
+    refused = client.delete(f"/api/v1/session/{session_uuid}")
+
+    assert refused.status_code == 503
+    assert session_row(faulty_app, session_uuid) is not None
+    proxy[0].fault = None
+    assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
+    assert client.delete(f"/api/v1/session/{session_uuid}").status_code == 200
+    assert session_row(faulty_app, session_uuid) is None
+    assert stored(faulty_app) == []
+
+
+def test_a_sweep_isolates_a_folder_whose_delete_fails(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
+    with faulty_app.app_context():
+        for folder in (bad, good):
+            current_storage().put(f"uploads/{folder}/a.pdf", io.BytesIO(PDF), "application/pdf")
+    proxy[0].fault = fail("DeleteObjects", f"uploads/{bad}/".encode())
+
+    with faulty_app.app_context():
+        report = sweep_orphans(
+            current_storage(),
+            now=utcnow() + timedelta(hours=1),
+            min_age=timedelta(minutes=30),
+            dry_run=False,
+        )
+
+    assert (report.folders_deleted, report.errors) == (1, 1)
+    proxy[0].fault = None
+    assert stored(faulty_app) == [f"uploads/{bad}/a.pdf"]
+    [error] = audit_rows(faulty_app, "orphan_sweep_error")
+    assert str(error.session_uuid) == bad
+
+
+def test_an_unreachable_database_answers_503_and_tells_the_admin() -> None:
+    unreachable = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nothing"
+    with smtp_server() as (port, inbox):
+        app = create_app(
+            base_env(
+                unreachable,
+                DATABASE_CONNECT_TIMEOUT_SECONDS="1",
+                ADMIN_EMAIL="admin@ops.example",
+                **smtp_env(port),
+            )
+        )
+
+        response = app.test_client().post("/api/v1/generate-uuid", headers=JSON_HEADERS)
+
+        assert response.status_code == 503
+        assert response.get_json()["message"] == GENERAL_ERROR
+        deadline = time.monotonic() + 10
+        while not inbox.to("admin@ops.example") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [alert] = inbox.to("admin@ops.example")
+        assert "503" in alert["Subject"]
+        assert response.headers["X-Correlation-ID"] in alert.get_body(("plain",)).get_content()
+
+
+def test_a_sweep_killed_halfway_loses_nothing_and_the_next_run_finishes(
+    postgres_url: str, s3_endpoint: str
+) -> None:
+    settings = s3_env(s3_endpoint)
+    bucket = settings["S3_BUCKET"]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    app = build_app(postgres_url, **settings)
+    live = [new_session_with_file(app) for _ in range(3)]
+    orphans = [str(uuid.uuid4()) for _ in range(1500)]
+    for orphan in orphans:
+        s3.put_object(Bucket=bucket, Key=f"uploads/{orphan}/a.pdf", Body=PDF)
+
+    s3_proxy = S3Proxy(s3_endpoint)
+
+    def slow_deletes(name: str, path: str, body: bytes) -> None:
+        if name == "DeleteObjects":
+            time.sleep(1.0)
+        return
+
+    s3_proxy.fault = slow_deletes
+    with s3_proxy.serving() as proxy_url:
+        env = base_env(
+            postgres_url, ORPHAN_MIN_AGE_MINUTES="0", **{**settings, "S3_ENDPOINT_URL": proxy_url}
+        )
+        sweeper = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "wsgi", "cleanup", "orphans"],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while s3_proxy.completed["DeleteObjects"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sweeper.send_signal(signal.SIGKILL)
+        sweeper.wait(timeout=10)
+    halfway = {
+        key["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for key in page.get("Contents", [])
+    }
+
+    assert sweeper.returncode == -signal.SIGKILL
+    assert 0 < sum(f"uploads/{o}/a.pdf" in halfway for o in orphans) < len(orphans)
+
+    rerun = create_app(base_env(postgres_url, ORPHAN_MIN_AGE_MINUTES="0", **settings))
+    result = rerun.test_cli_runner().invoke(args=["cleanup", "orphans"])
+
+    assert result.exit_code == 0, result.output
+    remaining = stored(app)
+    assert sorted(remaining) == sorted(f"uploads/{session}/cv.pdf" for session in live)
