@@ -84,6 +84,15 @@ class ChatSession(Base):
         Index("ix_chat_sessions_state_last_seen_at", "state", "last_seen_at"),
     )
 
+    def require_email_verification(self) -> None:
+        """The address changed or went: not verified, not complete, and any code sent is void."""
+        self.email_verified = False
+        self.state = SessionState.PENDING
+        self.completed_at = None
+        self.verification_code_hash = None
+        self.verification_code_expires_at = None
+        self.verification_attempts_left = None
+
 
 class RetirementReason(enum.StrEnum):
     """Why a session UUID was retired."""

@@ -210,6 +210,20 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def unreachable_s3_env() -> dict[str, str]:
+    """Settings for an S3 backend whose endpoint refuses every connection."""
+    from tests.servers import free_port
+
+    return {
+        "STORAGE_BACKEND": "s3",
+        "S3_BUCKET": "unreachable",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "S3_REGION": "us-east-1",
+        "S3_CONNECT_TIMEOUT_SECONDS": "1",
+        "S3_MAX_ATTEMPTS": "1",
+    }
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """Settings for each storage backend in turn."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import http.client
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from tests.servers import serving_in_thread
 
 # (operation, path, body) -> None to forward, or (status, body) to answer instead.
 FaultRule = Callable[[str, str, bytes], tuple[int, bytes] | None]
@@ -114,15 +116,8 @@ class S3Proxy:
 
         return Handler
 
-    @contextmanager
-    def serving(self) -> Iterator[str]:
+    def serving(self) -> AbstractContextManager[str]:
         """Listen on a free loopback port; yields the proxy's endpoint URL."""
         server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-            server.server_close()
+        return serving_in_thread(server)

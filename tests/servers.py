@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -37,35 +39,16 @@ def wait_until_listening(url: str, process: subprocess.Popen[bytes], timeout: fl
 
 
 @contextmanager
-def gunicorn_process(
-    app_path: str,
-    env: dict[str, str],
-    *,
-    workers: int = 2,
-    scheme: str = "http",
-    probe_path: str = "/",
+def _serving(
+    command: list[str], env: dict[str, str], base_url: str, probe_path: str
 ) -> Iterator[str]:
-    """Serve ``app_path`` with gunicorn and gunicorn.conf.py on a free port; yields the base URL."""
-    port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            app_path,
-            "--config",
-            str(PROJECT_ROOT / "gunicorn.conf.py"),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-        ],
+        command,
         cwd=PROJECT_ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    base_url = f"{scheme}://127.0.0.1:{port}"
     try:
         wait_until_listening(f"{base_url}{probe_path}", process)
         yield base_url
@@ -74,21 +57,46 @@ def gunicorn_process(
         process.wait(timeout=30)
 
 
-@contextmanager
-def app_process(env: dict[str, str]) -> Iterator[str]:
+def gunicorn_process(
+    app_path: str,
+    env: dict[str, str],
+    *,
+    workers: int = 2,
+    scheme: str = "http",
+    probe_path: str = "/",
+) -> AbstractContextManager[str]:
+    """Serve ``app_path`` with gunicorn and gunicorn.conf.py on a free port; yields the base URL."""
+    port = free_port()
+    config = str(PROJECT_ROOT / "gunicorn.conf.py")
+    command = [sys.executable, "-m", "gunicorn", app_path, "--config", config]
+    command += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+    return _serving(command, env, f"{scheme}://127.0.0.1:{port}", probe_path)
+
+
+def app_process(env: dict[str, str]) -> AbstractContextManager[str]:
     """Serve ``wsgi:app`` with ``env`` on a free loopback port; yields the base URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "run", "--port", str(port), "--no-reload"],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "flask",
+        "--app",
+        "wsgi",
+        "run",
+        "--port",
+        str(port),
+        "--no-reload",
+    ]
+    return _serving(command, env, f"http://127.0.0.1:{port}", "/health")
+
+
+@contextmanager
+def serving_in_thread(server: ThreadingHTTPServer) -> Iterator[str]:
+    """Run an in-process HTTP server until the block ends; yields its base URL."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        wait_until_listening(f"{base_url}/health", process)
-        yield base_url
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.shutdown()
+        server.server_close()

@@ -16,8 +16,7 @@ from app.extensions import db
 from app.models import ChatSession, EmailSend, SessionState
 from app.services.abandoned_sessions import purge_abandoned
 from app.storage import current_storage, session_objects
-from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row
-from tests.servers import free_port
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row, unreachable_s3_env
 
 IDLE = timedelta(hours=24)
 
@@ -109,11 +108,7 @@ def test_a_dry_run_changes_nothing(app: Flask) -> None:
 def test_storage_down_leaves_everything_for_the_next_run(database_url: str) -> None:
     app = build_app(
         database_url,
-        STORAGE_BACKEND="s3",
-        S3_BUCKET="b",
-        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-        S3_CONNECT_TIMEOUT_SECONDS="1",
-        S3_MAX_ATTEMPTS="1",
+        **unreachable_s3_env(),
     )
     session_uuid = str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
     idle_for(app, session_uuid, IDLE * 2)

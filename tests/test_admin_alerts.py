@@ -10,7 +10,14 @@ from collections.abc import Callable
 from flask import Flask
 
 from app.messages import GENERAL_ERROR
-from tests.conftest import JSON_HEADERS, audit_rows, build_app, smtp_env, smtp_server
+from tests.conftest import (
+    JSON_HEADERS,
+    audit_rows,
+    build_app,
+    smtp_env,
+    smtp_server,
+    unreachable_s3_env,
+)
 from tests.servers import free_port
 
 ADMIN = "admin@ops.example"
@@ -134,11 +141,7 @@ def test_a_job_error_is_notified(database_url: str) -> None:
         app = build_app(
             database_url,
             ADMIN_EMAIL=ADMIN,
-            STORAGE_BACKEND="s3",
-            S3_BUCKET="b",
-            S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-            S3_CONNECT_TIMEOUT_SECONDS="1",
-            S3_MAX_ATTEMPTS="1",
+            **unreachable_s3_env(),
             **smtp_env(port),
         )
         result = app.test_cli_runner().invoke(args=["cleanup", "orphans"])

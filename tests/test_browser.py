@@ -6,16 +6,15 @@ import functools
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import audit_rows, base_env, build_app, smtp_env, smtp_server
-from tests.servers import app_process
+from tests.servers import app_process, serving_in_thread
 
 PAGES = Path(__file__).parent / "browser"
 CHROMIUM = shutil.which("chromium")
@@ -31,19 +30,15 @@ def _browser_required() -> None:
     pytest.skip(message)
 
 
-@contextmanager
-def page_server() -> Iterator[str]:
+class _QuietPages(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def page_server() -> AbstractContextManager[str]:
     """Serve tests/browser/ on loopback; the origin is the page's own."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(PAGES))
-    handler.log_message = lambda *args: None  # type: ignore[assignment]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    handler = functools.partial(_QuietPages, directory=str(PAGES))
+    return serving_in_thread(ThreadingHTTPServer(("127.0.0.1", 0), handler))
 
 
 @contextmanager

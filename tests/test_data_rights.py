@@ -17,8 +17,7 @@ from app.extensions import db
 from app.models import AuditEvent, ChatSession, ConsentEvent, SessionState
 from app.services.retention import apply_retention
 from app.storage import current_storage, session_objects
-from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row
-from tests.servers import free_port
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row, unreachable_s3_env
 
 
 @pytest.fixture
@@ -181,11 +180,7 @@ def test_delete_erases_everything_and_is_safe_to_repeat(app: Flask, client: Flas
 def test_storage_down_during_delete_changes_nothing(database_url: str) -> None:
     app = build_app(
         database_url,
-        STORAGE_BACKEND="s3",
-        S3_BUCKET="b",
-        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-        S3_CONNECT_TIMEOUT_SECONDS="1",
-        S3_MAX_ATTEMPTS="1",
+        **unreachable_s3_env(),
     )
     client = app.test_client()
     session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])

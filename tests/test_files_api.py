@@ -15,8 +15,8 @@ from flask.testing import FlaskClient
 
 from app.services.files import file_ref, safe_filename
 from app.storage import current_storage, session_objects
-from tests.conftest import JSON_HEADERS, audit_rows, base_env, build_app
-from tests.servers import app_process, free_port
+from tests.conftest import JSON_HEADERS, audit_rows, base_env, build_app, unreachable_s3_env
+from tests.servers import app_process
 
 PDF = b"%PDF-1.7\n" + b"0" * 2048 + b"\n%%EOF\n"
 
@@ -192,12 +192,7 @@ def test_malformed_uploads_answer_400(files_client: FlaskClient, fields: tuple[s
 def test_unreachable_storage_answers_503_and_writes_nothing(database_url: str) -> None:
     app = build_app(
         database_url,
-        STORAGE_BACKEND="s3",
-        S3_BUCKET="nowhere",
-        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-        S3_REGION="us-east-1",
-        S3_CONNECT_TIMEOUT_SECONDS="1",
-        S3_MAX_ATTEMPTS="1",
+        **unreachable_s3_env(),
     )
     client = app.test_client()
     session_uuid = new_session(client)

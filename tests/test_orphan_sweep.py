@@ -25,7 +25,7 @@ from app.services.orphan_sweep import (
     sweep_orphans,
 )
 from app.storage import current_storage
-from tests.conftest import JSON_HEADERS, audit_rows, build_app
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, unreachable_s3_env
 
 PDF = b"%PDF-1.7 test"
 MIN_AGE = timedelta(minutes=30)
@@ -205,15 +205,10 @@ def test_a_storage_error_on_one_folder_spares_the_others(database_url: str, tmp_
 
 
 def test_an_unreachable_storage_is_one_audited_error(database_url: str) -> None:
-    from tests.servers import free_port
 
     app = build_app(
         database_url,
-        STORAGE_BACKEND="s3",
-        S3_BUCKET="b",
-        S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-        S3_CONNECT_TIMEOUT_SECONDS="1",
-        S3_MAX_ATTEMPTS="1",
+        **unreachable_s3_env(),
     )
 
     report = sweep(app)

@@ -168,7 +168,7 @@ def persist(
         changed.append("name")
     if new_email is not None and new_email != chat_session.email:
         chat_session.email = new_email
-        require_email_verification(chat_session)
+        chat_session.require_email_verification()
         changed.append("email")
     if changed:
         audit.record("personal_data_updated", context, session_uuid, fields=changed)
@@ -205,19 +205,6 @@ def normalise_email(email: str | None) -> str | None:
         return validate_email(email, check_deliverability=False).normalized
     except EmailNotValidError as exc:
         raise InvalidRequest(details={"email": [str(exc)]}) from exc
-
-
-def require_email_verification(chat_session: ChatSession) -> None:
-    """A new address is unverified, so the session is no longer complete.
-
-    A code sent to the previous address must not verify the new one, so it is voided.
-    """
-    chat_session.verification_code_hash = None
-    chat_session.verification_code_expires_at = None
-    chat_session.verification_attempts_left = None
-    chat_session.email_verified = False
-    chat_session.state = SessionState.PENDING
-    chat_session.completed_at = None
 
 
 def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:

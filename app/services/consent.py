@@ -9,7 +9,7 @@ from sqlalchemy import insert
 
 from app.errors import StorageUnavailableError
 from app.extensions import db
-from app.models import ChatSession, ConsentEvent, SessionState
+from app.models import ChatSession, ConsentEvent
 from app.services import audit
 from app.services.audit import AuditContext
 from app.storage import StorageUnavailable, current_storage, session_objects
@@ -50,12 +50,7 @@ def _erase_personal_data(chat_session: ChatSession) -> None:
     chat_session.consent_at = None
     chat_session.name = None
     chat_session.email = None
-    chat_session.email_verified = False
-    chat_session.state = SessionState.PENDING
-    chat_session.completed_at = None
-    chat_session.verification_code_hash = None
-    chat_session.verification_code_expires_at = None
-    chat_session.verification_attempts_left = None
+    chat_session.require_email_verification()
 
 
 def _remember(

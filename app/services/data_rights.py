@@ -67,7 +67,7 @@ def rectify(
         clean = chat_sessions.normalise_email(email) if email is not None else None
         if clean != chat_session.email:
             chat_session.email = clean
-            chat_sessions.require_email_verification(chat_session)
+            chat_session.require_email_verification()
             changed.append("email")
     if changed:
         audit.record("personal_data_rectified", context, session_uuid, fields=changed)

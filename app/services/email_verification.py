@@ -194,7 +194,7 @@ def _send_code(
     address_changed = chat_session.email != email
     if address_changed:
         chat_session.email = email
-        chat_sessions.require_email_verification(chat_session)
+        chat_session.require_email_verification()
     chat_session.verification_code_hash = _code_hash(session_uuid, code)
     chat_session.verification_code_expires_at = now + timedelta(
         minutes=current_app.config["EMAIL_CODE_TTL_MINUTES"]
@@ -222,20 +222,25 @@ def _limit_refusal(
             f"A code was sent moments ago. Please wait {wait} seconds before asking again.",
             stay_on,
         )
-    sent_this_hour = _count_sends(EmailSend.session_uuid == session_uuid, now - timedelta(hours=1))
-    if sent_this_hour >= config["EMAIL_SENDS_PER_SESSION_PER_HOUR"]:
-        return _failure(
+    caps = [
+        (
             "hourly_limit",
+            EmailSend.session_uuid == session_uuid,
+            timedelta(hours=1),
+            "EMAIL_SENDS_PER_SESSION_PER_HOUR",
             "Too many codes were requested for this session. Please try again in an hour.",
-            stay_on,
-        )
-    sent_today = _count_sends(EmailSend.address_hash == address_hash, now - timedelta(days=1))
-    if sent_today >= config["EMAIL_SENDS_PER_ADDRESS_PER_DAY"]:
-        return _failure(
+        ),
+        (
             "address_daily_limit",
+            EmailSend.address_hash == address_hash,
+            timedelta(days=1),
+            "EMAIL_SENDS_PER_ADDRESS_PER_DAY",
             "Too many codes were sent to this address today. Please try again tomorrow.",
-            stay_on,
-        )
+        ),
+    ]
+    for error, sender, period, setting, message in caps:
+        if _count_sends(sender, now - period) >= config[setting]:
+            return _failure(error, message, stay_on)
     return None
 
 
