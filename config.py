@@ -214,6 +214,8 @@ def _engine_options(
             # No pre-ping (docs/decisions.md): a dead connection costs one 503,
             # not a round trip on every request.
             "pool_pre_ping": False,
+            # Error messages would otherwise quote row values (names, e-mail addresses).
+            "hide_parameters": True,
             "connect_args": {
                 "connect_timeout": connect_timeout_s,
                 "options": f"-c statement_timeout={statement_timeout_ms}",
@@ -222,5 +224,5 @@ def _engine_options(
         }
     if url.startswith("sqlite"):
         # SQLite has no statement timeout; the busy timeout bounds waits for the write lock.
-        return {"connect_args": {"timeout": statement_timeout_ms / 1000}}
-    return {}
+        return {"connect_args": {"timeout": statement_timeout_ms / 1000}, "hide_parameters": True}
+    return {"hide_parameters": True}

@@ -24,7 +24,7 @@ class StrictBoolean(fields.Boolean):
 
 
 def _uuid_text(**kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Length(max=MAX_UUID_FIELD_LENGTH), **kwargs)
+    return fields.String(validate=validate.Length(min=1, max=MAX_UUID_FIELD_LENGTH), **kwargs)
 
 
 class ErrorSchema(ma.Schema):
@@ -53,9 +53,9 @@ class UuidIssuedSchema(ma.Schema):
 
 
 class ValidateUuidRequestSchema(ma.Schema):
-    """The UUID the frontend holds, as it holds it."""
+    """The UUID the frontend holds, as it holds it (even empty: that is an ``invalid`` verdict)."""
 
-    uuid = _uuid_text(required=True)
+    uuid = fields.String(required=True, validate=validate.Length(max=MAX_UUID_FIELD_LENGTH))
 
 
 class ValidateUuidResponseSchema(ma.Schema):

@@ -18,7 +18,7 @@ from app.extensions import db
 from app.models import AuditEvent, ChatSession, JobRun
 from app.services.orphan_sweep import sweep_orphans
 from app.storage import current_storage
-from tests.conftest import JSON_HEADERS, audit_rows, build_app
+from tests.conftest import JSON_HEADERS, audit_rows, build_app, smtp_env, smtp_server
 from tests.servers import PROJECT_ROOT
 
 THREADS = 16
@@ -178,3 +178,32 @@ def test_two_scheduler_processes_sweep_once_per_interval(postgres_url: str, tmp_
     assert same_interval == ["skipped", "skipped"]
     assert next_interval == ["ran", "skipped"]
     assert len(audit_rows(app, "orphan_sweep_completed")) == 2
+
+
+def test_concurrent_sends_to_one_address_respect_its_daily_cap(postgres_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(postgres_url, EMAIL_SENDS_PER_ADDRESS_PER_DAY="2", **smtp_env(port))
+        sessions = [
+            app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"] for _ in range(8)
+        ]
+        start = threading.Barrier(len(sessions))
+        outcomes: list[str] = []
+
+        def ask(session_uuid: str) -> None:
+            client = app.test_client()
+            start.wait()
+            response = client.post(
+                "/api/v1/email-verification/verify-email",
+                json={"email": "victim@example.org"},
+                headers={**JSON_HEADERS, "X-Session-ID": session_uuid},
+            )
+            outcomes.append(response.get_json().get("error") or "sent")
+
+        threads = [threading.Thread(target=ask, args=(s,)) for s in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    assert sorted(outcomes) == ["address_daily_limit"] * 6 + ["sent"] * 2
+    assert len(inbox.messages) == 2

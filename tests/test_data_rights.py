@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from app.clock import utcnow
 from app.extensions import db
-from app.models import AuditEvent, ChatSession, ConsentEvent, SessionState
+from app.models import AuditEvent, ChatSession, ConsentEvent, EmailSend, SessionState
 from app.services.retention import apply_retention
 from app.storage import current_storage, session_objects
 from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row, unreachable_s3_env
@@ -160,6 +160,12 @@ def test_withdrawing_consent_erases_personal_data_and_files_but_keeps_the_sessio
 
 def test_delete_erases_everything_and_is_safe_to_repeat(app: Flask, client: FlaskClient) -> None:
     ada = person(client, "Ada", "ada@example.org")
+    sent = client.post(
+        "/api/v1/email-verification/verify-email",
+        json={"email": "ada@example.org"},
+        headers={**JSON_HEADERS, "X-Session-ID": ada},
+    )
+    assert sent.get_json()["status"] == "success"
 
     first = client.delete(f"/api/v1/session/{ada}")
     second = client.delete(f"/api/v1/session/{ada}")
@@ -170,6 +176,8 @@ def test_delete_erases_everything_and_is_safe_to_repeat(app: Flask, client: Flas
     assert files_of(app, ada) == []
     with app.app_context():
         assert db.session.query(ConsentEvent).count() == 0
+        [send] = db.session.query(EmailSend).all()
+    assert send.session_uuid is None  # kept for the address cap, no longer tied to the session
     [erased] = audit_rows(app, "session_erased")
     assert erased.details == {"reason": "deleted", "files": 1}
     verdict = client.post("/api/v1/validate-uuid", json={"uuid": ada}, headers=JSON_HEADERS)

@@ -271,7 +271,11 @@ def test_smtp_down_is_an_error_and_a_later_code_still_comes(database_url: str) -
 
 
 def test_an_unknown_session_is_told_to_reset(client: FlaskClient) -> None:
-    for step, body in [("verify-email", {"email": ADDRESS}), ("verify-code", {"code": "123456"})]:
+    for step, body in [
+        ("verify-email", {"email": ADDRESS}),
+        ("verify-email", {"email": "not-an-address"}),
+        ("verify-code", {"code": "123456"}),
+    ]:
         response = call(client, step, str(uuid.uuid4()), body)
 
         assert outcome(response) == ("error", "session_not_found", "SESSION_RESET")

@@ -131,6 +131,10 @@ def test_a_file_over_the_limit_is_refused(database_url: str, storage_env: dict[s
         assert response.status_code == 413
         assert response.get_json()["error"] == "file_too_large"
     assert stored_names(app, session_uuid) == []
+    rejections = audit_rows(app, "file_upload_rejected")
+    assert [event.details["reason"] for event in rejections] == ["file_too_large"] * 2
+    # The far-over body was refused unread, so its session is not known.
+    assert [event.session_uuid for event in rejections] == [uuid.UUID(session_uuid), None]
 
 
 def test_a_fourth_file_is_refused_but_a_same_name_upload_replaces(
@@ -189,7 +193,9 @@ def test_malformed_uploads_answer_400(files_client: FlaskClient, fields: tuple[s
     assert response.get_json()["error"] == "invalid_request"
 
 
-def test_unreachable_storage_answers_503_and_writes_nothing(database_url: str) -> None:
+def test_unreachable_storage_answers_503_and_writes_nothing(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     app = build_app(
         database_url,
         **unreachable_s3_env(),
@@ -208,6 +214,9 @@ def test_unreachable_storage_answers_503_and_writes_nothing(database_url: str) -
     ready = client.get("/ready")
     assert ready.status_code == 503
     assert ready.get_json()["checks"]["storage"] == "unavailable"
+    # File names are personal data: the failure is logged without the key.
+    assert caplog.records
+    assert not any("cv.pdf" in f"{r.getMessage()} {r.exc_text}" for r in caplog.records)
 
 
 def test_delete_removes_the_file_once(files_app: Flask, files_client: FlaskClient) -> None:

@@ -310,6 +310,8 @@ def test_persist_withdrawing_consent_erases_personal_data(app: Flask, client: Fl
     ("body", "field"),
     [
         ({"consent_user_data": True}, "uuid"),
+        ({"uuid": "", "consent_user_data": True}, "uuid"),
+        ({"uuid": None, "session_uuid": None, "consent_user_data": True}, "uuid"),
         ({"uuid": "x", "consent_user_data": "true"}, "consent_user_data"),
         ({"uuid": "x", "consent_user_data": 1}, "consent_user_data"),
         ({"uuid": "x"}, "consent_user_data"),

@@ -75,6 +75,16 @@ def test_put_replaces_and_delete_many_is_idempotent(storage: Storage) -> None:
     storage.check()
 
 
+def test_local_delete_keeps_the_top_level_folder(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path), secret_key="k")
+    storage.put("uploads/s/a.pdf", io.BytesIO(b"x"), "application/pdf")
+
+    assert storage.delete_many(["uploads/s/a.pdf"]) == {}
+
+    assert not (tmp_path / "uploads" / "s").exists()
+    assert (tmp_path / "uploads").is_dir()
+
+
 def test_local_listing_pages_by_the_batch_size(tmp_path: Path) -> None:
     storage = LocalStorage(str(tmp_path), secret_key="k")
     for index in range(BATCH_SIZE + 1):

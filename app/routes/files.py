@@ -10,7 +10,6 @@ from typing import Any
 from flask import Response, current_app, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.errors import FileTooLarge
 from app.middleware import request_audit_context
 from app.routes import ApiBlueprint, rate_limited
 from app.schemas import (
@@ -39,8 +38,8 @@ def bounded_upload(view: Callable[..., Any]) -> Callable[..., Any]:
         request.max_content_length = max_bytes + MULTIPART_OVERHEAD_BYTES
         try:
             return view(*args, **kwargs)
-        except RequestEntityTooLarge as exc:
-            raise FileTooLarge() from exc
+        except RequestEntityTooLarge:
+            files.refuse_oversized_body(request_audit_context())
 
     return wrapper
 

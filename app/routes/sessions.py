@@ -77,7 +77,7 @@ def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
 def persist_session(body: dict[str, Any]) -> dict[str, Any]:
     """Record consent to store personal data, optionally with name and e-mail."""
     chat_session = chat_sessions.persist(
-        body.get("uuid") or body["session_uuid"],
+        body["uuid"] if body.get("uuid") is not None else body["session_uuid"],
         consent_user_data=body["consent_user_data"],
         name=body.get("name"),
         email=body.get("email"),

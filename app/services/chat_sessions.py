@@ -149,9 +149,9 @@ def persist(
     new_name = clean_name(name)
     new_email = normalise_email(email)
 
-    chat_session = _live_session(session_uuid, for_update=True)
+    lock_live_session(session_uuid)
+    chat_session = _live_session(session_uuid)
     now = utcnow()
-    chat_session.last_seen_at = now
     if not consent_user_data:
         # Declining at the first ask erases nothing; taking back a given consent erases all.
         if chat_session.consent_user_data:
@@ -176,14 +176,12 @@ def persist(
     return chat_session
 
 
-def _live_session(session_uuid: uuid.UUID, *, for_update: bool = False) -> ChatSession:
+def _live_session(session_uuid: uuid.UUID) -> ChatSession:
     """The session row, or SessionNotFound for non-v4, unknown and ended UUIDs."""
     if session_uuid.version != 4:
         raise SessionNotFound()
     query = select(ChatSession).where(ChatSession.uuid == session_uuid)
-    if for_update:
-        query = query.with_for_update()
-    chat_session = db.session.scalars(query).one_or_none()
+    chat_session = db.session.scalars(query.execution_options(populate_existing=True)).one_or_none()
     if chat_session is None:
         raise SessionNotFound()
     return chat_session

@@ -12,6 +12,7 @@ from app.extensions import db
 from app.models import ChatSession, ConsentEvent
 from app.services import audit
 from app.services.audit import AuditContext
+from app.services.erasure import unlink_send_history
 from app.storage import StorageUnavailable, current_storage, session_objects
 
 
@@ -40,6 +41,7 @@ def withdraw(chat_session: ChatSession, context: AuditContext, now: datetime) ->
     if failed:
         raise StorageUnavailableError()
     _erase_personal_data(chat_session)
+    unlink_send_history([chat_session.uuid])
     _remember(chat_session, granted=False, context=context, now=now)
     audit.record("consent_withdrawn", context, chat_session.uuid, files=len(keys))
 

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app, render_template
-from sqlalchemy import ColumnElement, func, insert, select
+from sqlalchemy import ColumnElement, func, insert, select, text
 
 from app.clock import utcnow
 from app.errors import SessionNotFound
@@ -62,15 +62,16 @@ ALREADY_VERIFIED = Outcome(True, "Your e-mail address is verified.", Transition.
 
 def request_code(session_uuid: uuid.UUID, raw_email: str, context: AuditContext) -> Outcome:
     """Store the address as the session's unverified e-mail and send it a code."""
-    try:
-        email = validate_email(raw_email, check_deliverability=False).normalized
-    except EmailNotValidError:
-        return _failure(
-            "invalid_email", "Please enter a valid e-mail address.", Transition.EMAIL_INPUT
-        )
     chat_session = _locked_session(session_uuid)
     if chat_session is None:
         return SESSION_GONE
+    try:
+        email = validate_email(raw_email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        db.session.commit()
+        return _failure(
+            "invalid_email", "Please enter a valid e-mail address.", Transition.EMAIL_INPUT
+        )
     if chat_session.email_verified and chat_session.email == email:
         db.session.commit()
         return ALREADY_VERIFIED
@@ -173,7 +174,9 @@ def _send_code(
     stay_on: Transition,
 ) -> Outcome:
     session_uuid = chat_session.uuid
-    refusal = _limit_refusal(session_uuid, _address_hash(email), now, stay_on)
+    address_hash = _address_hash(email)
+    _serialise_sends_to(address_hash)
+    refusal = _limit_refusal(session_uuid, address_hash, now, stay_on)
     if refusal is not None:
         audit.record("verification_limit_hit", context, session_uuid, limit=refusal.error)
         db.session.commit()
@@ -201,9 +204,7 @@ def _send_code(
     )
     chat_session.verification_attempts_left = current_app.config["EMAIL_CODE_MAX_ATTEMPTS"]
     db.session.execute(
-        insert(EmailSend).values(
-            session_uuid=session_uuid, address_hash=_address_hash(email), sent_at=now
-        )
+        insert(EmailSend).values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now)
     )
     audit.record("verification_code_sent", context, session_uuid, address_changed=address_changed)
     db.session.commit()
@@ -242,6 +243,17 @@ def _limit_refusal(
         if _count_sends(sender, now - period) >= config[setting]:
             return _failure(error, message, stay_on)
     return None
+
+
+def _serialise_sends_to(address_hash: str) -> None:
+    """Hold a lock on this address until commit, so concurrent sessions count its sends in turn.
+
+    PostgreSQL gets a transaction-scoped advisory lock on the hash; SQLite already runs one
+    writer at a time, and the session touch before this took the write lock.
+    """
+    if db.session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(bytes.fromhex(address_hash[:16]), "big", signed=True)
+        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 def _count_sends(condition: ColumnElement[bool], since: datetime) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, delete, insert
+from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, update
 
 from app.clock import utcnow
 from app.extensions import db
-from app.models import ChatSession, ConsentEvent, RetiredSessionUUID, RetirementReason
+from app.models import ChatSession, ConsentEvent, EmailSend, RetiredSessionUUID, RetirementReason
 from app.services import audit
 from app.services.audit import AuditContext
 from app.storage import StorageUnavailable, current_storage, session_objects
@@ -57,6 +57,7 @@ def erase_sessions(
         ),
         {"uuids": erased},
     )
+    unlink_send_history(erased)
     now = utcnow()
     db.session.execute(
         insert(RetiredSessionUUID),
@@ -72,6 +73,20 @@ def erase_sessions(
     )
     db.session.commit()
     return files
+
+
+def unlink_send_history(session_uuids: list[uuid.UUID]) -> None:
+    """Cut the link between sessions and their send records.
+
+    The records (an address HMAC and a time) stay for the per-address daily cap, which
+    must survive the session; nothing ties them to the session any more.
+    """
+    db.session.execute(
+        update(EmailSend)
+        .where(EmailSend.session_uuid.in_(bindparam("uuids", expanding=True)))
+        .values(session_uuid=None),
+        {"uuids": session_uuids},
+    )
 
 
 def _delete_files(session_uuids: list[uuid.UUID]) -> dict[uuid.UUID, int]:

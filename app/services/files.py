@@ -95,6 +95,11 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
     return SessionFile(name, size, utcnow(), url)
 
 
+def refuse_oversized_body(context: AuditContext) -> NoReturn:
+    """Audit and refuse an upload whose body was too large to read (its session is unknown)."""
+    _Rejection(context, None)("file_too_large", FileTooLarge())
+
+
 def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     """Delete one file from the session's folder."""
     session_uuid = chat_sessions.parse_uuid4(raw_uuid)

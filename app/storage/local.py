@@ -45,7 +45,7 @@ class LocalStorage:
                     yield page
                     page = []
         except OSError as exc:
-            raise StorageUnavailable(f"listing {prefix!r} failed: {exc}") from exc
+            raise StorageUnavailable(f"listing failed: {_reason(exc)}") from None
         if page:
             yield page
 
@@ -73,9 +73,7 @@ class LocalStorage:
     def put(self, key: str, body: BinaryIO, content_type: str) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write beside the target and rename: a reader never sees half a file.
-            handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+            handle, temp_name = self._temp_file_beside(path)
             try:
                 with os.fdopen(handle, "wb") as temp:
                     shutil.copyfileobj(body, temp)
@@ -84,7 +82,17 @@ class LocalStorage:
                 os.unlink(temp_name)
                 raise
         except OSError as exc:
-            raise StorageUnavailable(f"storing {key!r} failed: {exc}") from exc
+            raise StorageUnavailable(f"storing failed: {_reason(exc)}") from None
+
+    def _temp_file_beside(self, path: Path) -> tuple[int, str]:
+        """A temporary file in the target's folder: write beside it, then rename into place."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        except FileNotFoundError:
+            # A clean-up removed the emptied folder between the two calls: make it again, once.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=path.parent, prefix=".upload-")
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -93,13 +101,14 @@ class LocalStorage:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                failed[key] = str(exc)
+                failed[key] = _reason(exc)
                 continue
             self._remove_empty_parents(path.parent)
         return failed
 
     def _remove_empty_parents(self, directory: Path) -> None:
-        while directory != self.root and directory.is_relative_to(self.root):
+        # The top-level folder (uploads/) stays: other writers create folders inside it.
+        while directory.parent != self.root and directory.is_relative_to(self.root):
             try:
                 directory.rmdir()
             except OSError:
@@ -128,4 +137,12 @@ class LocalStorage:
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
                 pass
         except OSError as exc:
-            raise StorageUnavailable(f"storage root {self.root} unusable: {exc}") from exc
+            raise StorageUnavailable(f"storage root unusable: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """What went wrong, without the path (paths carry file names).
+
+    The original exception is dropped from the chain for the same reason: tracebacks are logged.
+    """
+    return f"{type(exc).__name__} (errno {exc.errno})"

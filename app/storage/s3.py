@@ -50,7 +50,7 @@ class S3Storage:
                     for item in page.get("Contents", [])
                 ]
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"listing {prefix!r} failed: {exc}") from exc
+            raise StorageUnavailable(f"listing failed: {_reason(exc)}") from None
 
     def put(self, key: str, body: BinaryIO, content_type: str) -> None:
         try:
@@ -58,7 +58,7 @@ class S3Storage:
                 Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
             )
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"storing {key!r} failed: {exc}") from exc
+            raise StorageUnavailable(f"storing failed: {_reason(exc)}") from None
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -70,9 +70,11 @@ class S3Storage:
                     Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
                 )
             except (BotoCoreError, ClientError) as exc:
-                raise StorageUnavailable(f"deleting {len(chunk)} keys failed: {exc}") from exc
+                raise StorageUnavailable(
+                    f"deleting {len(chunk)} keys failed: {_reason(exc)}"
+                ) from None
             for error in response.get("Errors", []):
-                failed[error["Key"]] = f"{error.get('Code')}: {error.get('Message')}"
+                failed[error["Key"]] = str(error.get("Code"))
         return failed
 
     def download_url(self, key: str, expires_in: int, filename: str) -> str:
@@ -91,4 +93,14 @@ class S3Storage:
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"bucket {self.bucket!r} unreachable: {exc}") from exc
+            raise StorageUnavailable(f"bucket unreachable: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, without the URL or key botocore quotes (keys carry file names).
+
+    The original exception is dropped from the chain for the same reason: tracebacks are logged.
+    """
+    if isinstance(exc, ClientError):
+        return f"{exc.response.get('Error', {}).get('Code', 'error')} from S3"
+    return type(exc).__name__
