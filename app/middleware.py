@@ -7,6 +7,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.privacy import truncate_ip
@@ -41,7 +42,10 @@ def request_session_uuid() -> uuid.UUID | None:
         (request.view_args or {}).get("session_uuid"),
         request.headers.get("X-Session-ID"),
     ]
-    body = request.get_json(silent=True) if request.is_json else None
+    try:
+        body = request.get_json(silent=True) if request.is_json else None
+    except HTTPException:
+        body = None  # a body too large to read names no session we can trust
     if isinstance(body, dict):
         candidates += [body.get("uuid"), body.get("session_uuid")]
     for candidate in candidates:

@@ -307,6 +307,12 @@ def test_an_unreachable_database_answers_503_json_and_fails_readiness() -> None:
     assert issued.status_code == 503
     body = issued.get_json()
     assert (body["error"], body["message"]) == ("database_unavailable", GENERAL_ERROR)
+    # An unread, oversized body must not turn the outage answer into an HTML page.
+    oversized = client.post(
+        "/api/v1/generate-uuid", data="{" + " " * (70 * 1024) + "}", headers=JSON_HEADERS
+    )
+    assert oversized.status_code == 503
+    assert oversized.get_json()["error"] == "database_unavailable"
 
 
 def test_the_access_log_has_one_line_per_request_without_session_uuids(

@@ -93,7 +93,17 @@ def current_alerts() -> AdminAlerts:
 
 
 def report_exception(exc: BaseException, *, status: int | None = None) -> None:
-    """Notify about an error that answered ``status`` (5xx), or broke a job (no status)."""
+    """Notify about an error that answered ``status`` (5xx), or broke a job (no status).
+
+    Never raises: it runs inside error handlers, whose own answer must still go out.
+    """
+    try:
+        _report_exception(exc, status)
+    except Exception:
+        log.exception("admin notification could not be prepared")
+
+
+def _report_exception(exc: BaseException, status: int | None) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
     facts = {"Time": utcnow().isoformat(), "Error": f"{type(exc).__name__}: {exc}"}
