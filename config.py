@@ -7,6 +7,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+import limits
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
@@ -54,6 +56,17 @@ class _Env:
     def csv(self, name: str, default: str) -> list[str]:
         return [item.strip() for item in self.text(name, default).split(",") if item.strip()]
 
+    def rate_limit(self, name: str, default: str) -> str:
+        """A flask-limiter limit string; a typo would otherwise silently disable the limit."""
+        value = self.text(name, default)
+        try:
+            limits.parse_many(value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{name} must be a rate limit such as 10/minute, got {value!r}"
+            ) from exc
+        return value
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()
         if value not in choices:
@@ -100,8 +113,10 @@ class Config:
         if production and "*" in self.CORS_ORIGINS:
             raise ConfigError("CORS_ORIGINS may not be '*' when APP_ENV=production")
 
-        self.SESSION_RATE_LIMIT = env.text("SESSION_RATE_LIMIT", "10/minute")
-        self.SESSION_RESOURCE_RATE_LIMIT = env.text("SESSION_RESOURCE_RATE_LIMIT", "60/minute")
+        self.SESSION_RATE_LIMIT = env.rate_limit("SESSION_RATE_LIMIT", "10/minute")
+        self.SESSION_RESOURCE_RATE_LIMIT = env.rate_limit(
+            "SESSION_RESOURCE_RATE_LIMIT", "60/minute"
+        )
         self.RATELIMIT_STORAGE_URI = env.text("RATELIMIT_STORAGE_URI", "memory://")
         self.RATELIMIT_KEY_PREFIX = env.text("RATELIMIT_KEY_PREFIX", "session-api")
         self.RATELIMIT_HEADERS_ENABLED = True
@@ -127,7 +142,7 @@ class Config:
         )
         self.MAX_UPLOAD_MB = env.integer("MAX_UPLOAD_MB", 5, minimum=1)
         self.MAX_FILES_PER_SESSION = env.integer("MAX_FILES_PER_SESSION", 3, minimum=1)
-        self.UPLOAD_RATE_LIMIT = env.text("UPLOAD_RATE_LIMIT", "30/minute")
+        self.UPLOAD_RATE_LIMIT = env.rate_limit("UPLOAD_RATE_LIMIT", "30/minute")
 
         self.MAIL_BACKEND = env.choice("MAIL_BACKEND", "console", ("console", "smtp"))
         if production and self.MAIL_BACKEND == "console":
@@ -155,7 +170,7 @@ class Config:
         self.EMAIL_SENDS_PER_ADDRESS_PER_DAY = env.integer(
             "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 5, minimum=1
         )
-        self.EMAIL_RATE_LIMIT = env.text("EMAIL_RATE_LIMIT", "10/minute")
+        self.EMAIL_RATE_LIMIT = env.rate_limit("EMAIL_RATE_LIMIT", "10/minute")
 
         self.ABANDONED_SESSION_MINUTES = env.integer(
             "ABANDONED_SESSION_MINUTES", 24 * 60, minimum=1

@@ -58,6 +58,8 @@ def test_production_starts_with_its_settings_given() -> None:
         {"TRUSTED_PROXY_COUNT": "-1"},
         {"APP_ENV": "staging"},
         {"MAX_JSON_BODY_KB": "0"},
+        {"SESSION_RATE_LIMIT": "ten a minute"},
+        {"UPLOAD_RATE_LIMIT": "30/fortnight"},
     ],
 )
 def test_malformed_values_are_refused_by_name(environ: dict[str, str]) -> None:

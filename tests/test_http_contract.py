@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -34,6 +35,15 @@ def test_hsts_is_sent_on_secure_requests(client: FlaskClient) -> None:
     response = client.get("/health", base_url="https://api.example.org")
 
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_hsts_behind_a_trusted_tls_proxy_only(database_url: str) -> None:
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    trusted = build_app(database_url, TRUSTED_PROXY_COUNT="1").test_client()
+    untrusted = build_app(database_url).test_client()
+
+    assert "Strict-Transport-Security" in trusted.get("/health", headers=proxied).headers
+    assert "Strict-Transport-Security" not in untrusted.get("/health", headers=proxied).headers
 
 
 def test_a_caller_correlation_id_is_echoed_only_if_it_is_a_uuid(client: FlaskClient) -> None:
@@ -146,6 +156,33 @@ def test_the_eleventh_request_in_a_minute_is_refused_with_json(database_url: str
     # validate-uuid has its own budget.
     other = client.post("/api/v1/validate-uuid", json={"uuid": str(uuid.uuid4())})
     assert other.status_code == 200
+
+
+def test_uploads_and_email_sends_have_their_own_budgets(database_url: str) -> None:
+    app = build_app(database_url, UPLOAD_RATE_LIMIT="2/minute", EMAIL_RATE_LIMIT="1/minute")
+    client = app.test_client()
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+
+    uploads = [
+        client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(b"%PDF-1.7 x"), f"{n}.pdf")},
+            content_type="multipart/form-data",
+        ).status_code
+        for n in range(3)
+    ]
+    sends = [
+        client.post(
+            "/api/v1/email-verification/verify-email",
+            json={"email": "a@example.org"},
+            headers={**JSON_HEADERS, "X-Session-ID": session_uuid},
+        ).status_code
+        for _ in range(2)
+    ]
+
+    assert uploads == [200, 200, 429]
+    assert sends == [200, 429]
+    assert client.post("/api/v1/generate-uuid").status_code == 200
 
 
 def test_preflights_are_never_rate_limited(database_url: str) -> None:

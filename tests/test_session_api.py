@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import update
 
 from app.clock import utcnow
 from app.extensions import db
@@ -117,8 +119,14 @@ def test_generate_gives_up_after_three_collisions(
 
 def test_validate_resumes_a_live_session(app: Flask, client: FlaskClient) -> None:
     issued = register(client)
-    before = session_row(app, issued)
-    assert before is not None
+    idle_since = utcnow() - timedelta(hours=1)
+    with app.app_context():
+        db.session.execute(
+            update(ChatSession)
+            .where(ChatSession.uuid == uuid.UUID(issued))
+            .values(last_seen_at=idle_since)
+        )
+        db.session.commit()
 
     response = post(client, "validate-uuid", {"uuid": issued.upper()})
 
@@ -130,7 +138,7 @@ def test_validate_resumes_a_live_session(app: Flask, client: FlaskClient) -> Non
     }
     after = session_row(app, issued)
     assert after is not None
-    assert after.last_seen_at >= before.last_seen_at
+    assert after.last_seen_at > idle_since + timedelta(minutes=59)
     assert audit_rows(app)[-1].event_type == "uuid_validated"
 
 
@@ -403,3 +411,40 @@ def test_get_session_of_an_ended_session_is_not_found(app: Flask, client: FlaskC
     response = client.get(f"/api/v1/session/{issued}", headers=JSON_HEADERS)
 
     assert response.status_code == 404
+
+
+def test_every_call_naming_the_session_touches_it(app: Flask, client: FlaskClient) -> None:
+    issued = register(client)
+    calls = {
+        "persist_session": lambda: post(
+            client, "persist_session", {"uuid": issued, "consent_user_data": False}
+        ),
+        "upload": lambda: client.post(
+            "/api/v1/upload",
+            data={"session_uuid": issued, "file": (io.BytesIO(b"%PDF-1.7 x"), "a.pdf")},
+            content_type="multipart/form-data",
+        ),
+        "files": lambda: client.get(f"/api/v1/session/{issued}/files"),
+        "verify-email": lambda: post(
+            client,
+            "email-verification/verify-email",
+            {"email": "a@example.org"},
+            **{"X-Session-ID": issued},
+        ),
+        "session": lambda: client.get(f"/api/v1/session/{issued}"),
+    }
+    for name, make_call in calls.items():
+        idle_since = utcnow() - timedelta(hours=1)
+        with app.app_context():
+            db.session.execute(
+                update(ChatSession)
+                .where(ChatSession.uuid == uuid.UUID(issued))
+                .values(last_seen_at=idle_since)
+            )
+            db.session.commit()
+
+        assert make_call().status_code == 200, name
+
+        row = session_row(app, issued)
+        assert row is not None
+        assert row.last_seen_at > idle_since + timedelta(minutes=59), name
