@@ -132,6 +132,12 @@ def lock_live_session(session_uuid: uuid.UUID) -> None:
         raise SessionNotFound()
 
 
+def locked_session(session_uuid: uuid.UUID) -> ChatSession:
+    """A live session, touched and locked until the caller commits; SessionNotFound if none."""
+    lock_live_session(session_uuid)
+    return _live_session(session_uuid)
+
+
 def persist(
     raw_uuid: str,
     *,
@@ -149,8 +155,7 @@ def persist(
     new_name = clean_name(name)
     new_email = normalise_email(email)
 
-    lock_live_session(session_uuid)
-    chat_session = _live_session(session_uuid)
+    chat_session = locked_session(session_uuid)
     now = utcnow()
     if not consent_user_data:
         # Declining at the first ask erases nothing; taking back a given consent erases all.

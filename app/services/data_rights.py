@@ -53,7 +53,7 @@ def rectify(
     session_uuid: uuid.UUID, changes: dict[str, Any], context: AuditContext
 ) -> chat_sessions.SessionOverview:
     """Correct name and e-mail; a new e-mail must be verified again."""
-    chat_session = _locked(session_uuid)
+    chat_session = chat_sessions.locked_session(session_uuid)
     name, email = changes.get("name"), changes.get("email")
     if "name" in changes and name is not None and not chat_session.consent_user_data:
         raise ConsentRequired()
@@ -77,7 +77,7 @@ def rectify(
 
 def set_consent(session_uuid: uuid.UUID, granted: bool, context: AuditContext) -> ChatSession:
     """Grant consent, or withdraw it and erase personal data and files."""
-    chat_session = _locked(session_uuid)
+    chat_session = chat_sessions.locked_session(session_uuid)
     now = utcnow()
     if granted:
         consent.grant(chat_session, context, now)
@@ -105,11 +105,3 @@ def erase(session_uuid: uuid.UUID, context: AuditContext) -> bool:
     if db.session.scalar(select(exists().where(RetiredSessionUUID.uuid == session_uuid))):
         return False
     raise SessionNotFound()
-
-
-def _locked(session_uuid: uuid.UUID) -> ChatSession:
-    chat_sessions.lock_live_session(session_uuid)
-    chat_session = db.session.get(ChatSession, session_uuid, populate_existing=True)
-    if chat_session is None:
-        raise SessionNotFound()
-    return chat_session

@@ -278,11 +278,10 @@ def _cooldown_left(last_sent: datetime | None, now: datetime) -> timedelta | Non
 def _locked_session(session_uuid: uuid.UUID) -> ChatSession | None:
     """The live session, locked until commit (one verification step at a time)."""
     try:
-        chat_sessions.lock_live_session(session_uuid)
+        return chat_sessions.locked_session(session_uuid)
     except SessionNotFound:
         db.session.rollback()
         return None
-    return db.session.get(ChatSession, session_uuid, populate_existing=True)
 
 
 def _code_is_live(chat_session: ChatSession, now: datetime) -> bool:
