@@ -6,7 +6,8 @@ import logging
 import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, g, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -96,8 +97,18 @@ def _finish_response(response: Response) -> Response:
     return response
 
 
+class _NoCookieSessions(SecureCookieSessionInterface):
+    """The API keeps no cookie state: ``flask.session`` is a null session that refuses writes."""
+
+    def open_session(self, app: Flask, request: Request) -> None:
+        return None
+
+
 def init_app(app: Flask) -> None:
     """Install the request hooks, trusting X-Forwarded-* only from configured proxies."""
+    # Chat sessions live in the database under their UUID; a cookie session would only add a
+    # signing step to every request and a second meaning of "session".
+    app.session_interface = _NoCookieSessions()
     proxies = app.config["TRUSTED_PROXY_COUNT"]
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]

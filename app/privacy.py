@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 # A /24 (IPv4) or /48 (IPv6) names a network, not a subscriber.
@@ -9,6 +10,8 @@ IPV4_KEPT_PREFIX = 24
 IPV6_KEPT_PREFIX = 48
 
 
+# Every request asks this of its client address, and clients repeat: parse each address once.
+@functools.lru_cache(maxsize=4096)
 def truncate_ip(address: str | None) -> str | None:
     """The network part of an IP address, or None if it is not one."""
     if not address:

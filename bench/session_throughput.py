@@ -121,11 +121,11 @@ def main() -> None:
     admin_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
     with scratch_database(admin_url) as url:
-        app_url = url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+        database_url = url.set(drivername="postgresql+psycopg2").render_as_string(False)
         dsn = url.render_as_string(hide_password=False)
         admin(dsn, "CREATE TABLE bare_hits (id uuid PRIMARY KEY, created_at timestamptz NOT NULL)")
         app_env = {
-            "DATABASE_URL": app_url,
+            "DATABASE_URL": database_url,
             "SECRET_KEY": "bench",
             "SESSION_RATE_LIMIT": "100000000/minute",
             "LOG_LEVEL": "warning",
@@ -144,8 +144,14 @@ def main() -> None:
             gunicorn_process(
                 "bench.bare_app:app", {"BARE_DSN": dsn}, workers=args.workers
             ) as bare_url,
+            gunicorn_process(
+                "bench.floor_app:app",
+                {"FLOOR_DATABASE_URL": database_url, "BARE_DSN": dsn},
+                workers=args.workers,
+            ) as floor_url,
         ):
             app_port, bare_port = urlsplit(app_url).port, urlsplit(bare_url).port
+            floor_port = urlsplit(floor_url).port
             known = []
             for _ in range(200):
                 conn = http.client.HTTPConnection("127.0.0.1", app_port)
@@ -153,6 +159,8 @@ def main() -> None:
                 known.append(json.dumps({"uuid": json.loads(conn.getresponse().read())["uuid"]}))
             targets = {
                 "bare INSERT": (bare_port, "/bare", []),
+                "floor: psycopg2": (floor_port, "/floor/psycopg2", []),
+                "floor: SQLAlchemy": (floor_port, "/floor/sqlalchemy", []),
                 "generate-uuid": (app_port, "/api/v1/generate-uuid", []),
                 "validate-uuid (resume)": (app_port, "/api/v1/validate-uuid", known),
             }

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import requests
-from flask import Flask
+from flask import Flask, session
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate as validate_openapi
 
@@ -29,6 +29,14 @@ def test_every_response_carries_the_contract_headers(client: FlaskClient) -> Non
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert uuid.UUID(response.headers["X-Correlation-ID"])
     assert "Strict-Transport-Security" not in response.headers
+
+
+def test_the_api_keeps_no_cookie_session(app: Flask) -> None:
+    with (
+        app.test_request_context("/api/v1/generate-uuid", method="POST"),
+        pytest.raises(RuntimeError, match="session is unavailable"),
+    ):
+        session["chat"] = "state"
 
 
 def test_hsts_is_sent_on_secure_requests(client: FlaskClient) -> None:
