@@ -12,17 +12,16 @@ import os
 import uuid
 from datetime import UTC, datetime
 
-import psycopg2
 from flask import Flask, jsonify
 from sqlalchemy import create_engine, insert
 
 from app.models import AuditEvent, ChatSession, SessionState
+from bench.bare_app import connection
 
 app = Flask(__name__)
 _engine = create_engine(os.environ["FLOOR_DATABASE_URL"], pool_size=1)
-_sessions = insert(ChatSession.__table__)  # type: ignore[arg-type]
-_audit = insert(AuditEvent.__table__)  # type: ignore[arg-type]
-_connection = None
+_sessions = insert(ChatSession.__table__)
+_audit = insert(AuditEvent.__table__)
 
 SESSION_SQL = (
     "INSERT INTO chat_sessions (uuid, state, created_at, last_seen_at, client_ip,"
@@ -32,13 +31,6 @@ AUDIT_SQL = (
     "INSERT INTO audit_events (occurred_at, event_type, session_uuid, client_ip,"
     " correlation_id, details) VALUES (%s, 'uuid_generated', %s, %s, %s, %s)"
 )
-
-
-def connection():
-    global _connection
-    if _connection is None or _connection.closed:
-        _connection = psycopg2.connect(os.environ["BARE_DSN"])
-    return _connection
 
 
 @app.post("/floor/psycopg2")
