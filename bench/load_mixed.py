@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.session_throughput import scratch_database  # noqa: E402
+from bench.session_throughput import migrate, scratch_database  # noqa: E402
 from tests.conftest import smtp_server  # noqa: E402
 from tests.servers import gunicorn_process  # noqa: E402
 
@@ -158,13 +157,7 @@ def main() -> None:
             "LOG_LEVEL": "warning",
             "SCHEDULER_ENABLED": "false",
         }
-        subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            check=True,
-            capture_output=True,
-        )
+        migrate(env)
         with gunicorn_process("wsgi:app", env, workers=args.workers, probe_path="/health") as base:
             port = urlsplit(base).port or 80
             queue: multiprocessing.Queue = multiprocessing.Queue()

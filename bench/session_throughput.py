@@ -53,6 +53,17 @@ def scratch_database(admin_url: str):
         admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def migrate(env: dict[str, str]) -> None:
+    """Apply the app's migrations to the database that ``env`` names."""
+    subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+
+
 def _client_process(
     port: int, path: str, bodies: list[str], threads: int, seconds: float, out
 ) -> None:
@@ -130,13 +141,7 @@ def main() -> None:
             "SESSION_RATE_LIMIT": "100000000/minute",
             "LOG_LEVEL": "warning",
         }
-        subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env={**os.environ, **app_env},
-            check=True,
-            capture_output=True,
-        )
+        migrate(app_env)
         with (
             gunicorn_process(
                 "wsgi:app", app_env, workers=args.workers, probe_path="/health"
