@@ -21,6 +21,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 ## Install, apply migrations and serve the API on the embedded defaults (SQLite, port 5000).
 run: $(VENV)/.runtime
 	$(FLASK) db upgrade
+	@echo "Serving the API at http://127.0.0.1:5000 (try: curl -X POST http://127.0.0.1:5000/api/v1/generate-uuid)"
 	$(FLASK) run --host 127.0.0.1 --port 5000
 
 ## Install the test tools, lint, type-check and run the whole test suite.

@@ -4,224 +4,357 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import environs
 import limits
+from marshmallow import ValidationError
+from marshmallow.validate import Range
 
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+DEFAULT_INSTANCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
+MIN_PRODUCTION_SECRET_LENGTH = 32
+# Values of these variables are never repeated in error messages.
+SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL"})
+
+# The time budget of one request (docs/decisions.md, "Time budget"). A request makes at most
+# this many storage calls one after the other (an upload lists the folder, then stores the file),
+# and its worst case must leave gunicorn this share of its worker timeout as a margin.
+STORAGE_CALLS_PER_REQUEST = 2
+BUDGET_SHARE_OF_WORKER_TIMEOUT = 0.8
+# botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
+S3_MAX_BACKOFF_SECONDS = 20
+BUDGET_VARIABLES = (
+    "DATABASE_CONNECT_TIMEOUT_SECONDS",
+    "DATABASE_LOCK_TIMEOUT_MS",
+    "DATABASE_STATEMENT_TIMEOUT_MS",
+    "STORAGE_BACKEND",
+    "S3_CONNECT_TIMEOUT_SECONDS",
+    "S3_READ_TIMEOUT_SECONDS",
+    "S3_MAX_ATTEMPTS",
+    "MAIL_BACKEND",
+    "SMTP_TIMEOUT_SECONDS",
+    "GUNICORN_TIMEOUT",
+)
 
 
 class ConfigError(ValueError):
-    """A configuration variable is missing or malformed."""
+    """Configuration variables are missing, malformed or unsafe; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
-class _Env:
-    """Typed readers over an environment mapping."""
+class _MappingEnv(environs.Env):
+    """environs over the mapping it is given, where a blank value counts as unset.
+
+    environs reads ``os.environ``; the app reads the mapping passed to the factory (the process
+    environment in production, a plain dict in tests), so the lookup is redirected to it.
+    """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
+        super().__init__(eager=False)
+        self._source = environ
 
-    def text(self, name: str, default: str) -> str:
-        return self._environ.get(name, "").strip() or default
+    def _get_value(self, env_key: str, default: Any) -> Any:
+        value = self._source.get(env_key, "").strip()
+        return value or default
 
-    def optional_text(self, name: str) -> str | None:
-        value = self._environ.get(name, "").strip()
-        return value or None
 
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
-        raw = self._environ.get(name)
-        if raw is None or not raw.strip():
-            return default
-        try:
-            value = int(raw.strip())
-        except ValueError as exc:
-            raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-        if value < minimum:
-            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-        return value
+def _rate_limit(value: str) -> None:
+    """A typo in a limit string would otherwise silently disable the limit."""
+    try:
+        limits.parse_many(value)
+    except ValueError as exc:
+        raise ValidationError(
+            "Must be a rate limit such as 10/minute or 100/hour;10/minute."
+        ) from (exc)
 
-    def boolean(self, name: str, default: bool) -> bool:
-        raw = self._environ.get(name)
-        if raw is None:
-            return default
-        word = raw.strip().lower()
-        if word in TRUE_WORDS:
-            return True
-        if word in FALSE_WORDS:
-            return False
-        raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
 
-    def csv(self, name: str, default: str) -> list[str]:
-        return [item.strip() for item in self.text(name, default).split(",") if item.strip()]
+def _one_of(*choices: str) -> Callable[[str], None]:
+    def validate(value: str) -> None:
+        if value.lower() not in choices:
+            raise ValidationError(f"Must be one of {', '.join(choices)}.")
 
-    def rate_limit(self, name: str, default: str) -> str:
-        """A flask-limiter limit string; a typo would otherwise silently disable the limit."""
-        value = self.text(name, default)
-        try:
-            limits.parse_many(value)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{name} must be a rate limit such as 10/minute, got {value!r}"
-            ) from exc
-        return value
+    return validate
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(name, default).lower()
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        return value
+
+AT_LEAST_ONE = Range(min=1)
+NOT_NEGATIVE = Range(min=0)
 
 
 class Config:
     """Every setting the app reads, coerced from environment variables.
 
-    Attributes in upper case are copied into ``app.config`` by the factory.
+    Every problem is collected before anything is refused, so an operator sees them all at
+    once. Attributes in upper case are copied into ``app.config`` by the factory; ``warnings``
+    lists what is allowed but worth saying at start-up.
     """
 
-    def __init__(self, environ: Mapping[str, str], *, instance_path: str) -> None:
-        env = _Env(environ)
-        self.APP_ENV = env.choice("APP_ENV", "development", ("development", "production"))
-        production = self.APP_ENV == "production"
+    def __init__(
+        self, environ: Mapping[str, str], *, instance_path: str = DEFAULT_INSTANCE_PATH
+    ) -> None:
+        env = _MappingEnv(environ)
+        text, integer, boolean = env.str, env.int, env.bool
 
-        secret_key = env.optional_text("SECRET_KEY")
-        if secret_key is None:
-            if production:
-                raise ConfigError("SECRET_KEY is required when APP_ENV=production")
-            # A per-process random key keeps development usable without a shared secret.
-            secret_key = secrets.token_hex(32)
-        self.SECRET_KEY = secret_key
-
+        self.APP_ENV = text("APP_ENV", "development", validate=_one_of("development", "production"))
+        self.SECRET_KEY = text("SECRET_KEY", None)
         default_db = "sqlite:///" + os.path.join(instance_path, "sessions.sqlite3")
-        self.SQLALCHEMY_DATABASE_URI = _normalise_database_url(env.text("DATABASE_URL", default_db))
-        if production and self.SQLALCHEMY_DATABASE_URI.startswith("sqlite"):
-            raise ConfigError("DATABASE_URL must point at PostgreSQL when APP_ENV=production")
-        self.DATABASE_STATEMENT_TIMEOUT_MS = env.integer(
-            "DATABASE_STATEMENT_TIMEOUT_MS", 5000, minimum=1
+        self.SQLALCHEMY_DATABASE_URI = normalise_database_url(text("DATABASE_URL", default_db))
+        self.DATABASE_STATEMENT_TIMEOUT_MS = integer(
+            "DATABASE_STATEMENT_TIMEOUT_MS", 5000, validate=AT_LEAST_ONE
         )
-        self.DATABASE_CONNECT_TIMEOUT_SECONDS = env.integer(
-            "DATABASE_CONNECT_TIMEOUT_SECONDS", 5, minimum=1
+        self.DATABASE_LOCK_TIMEOUT_MS = integer(
+            "DATABASE_LOCK_TIMEOUT_MS", 2000, validate=AT_LEAST_ONE
         )
+        self.DATABASE_CONNECT_TIMEOUT_SECONDS = integer(
+            "DATABASE_CONNECT_TIMEOUT_SECONDS", 3, validate=AT_LEAST_ONE
+        )
+
+        origins = env.list("CORS_ORIGINS", ["http://localhost:3000", "http://127.0.0.1:3000"])
+        self.CORS_ORIGINS = [origin.strip() for origin in origins or [] if origin.strip()]
+        self.SESSION_RATE_LIMIT = text("SESSION_RATE_LIMIT", "10/minute", validate=_rate_limit)
+        self.SESSION_RESOURCE_RATE_LIMIT = text(
+            "SESSION_RESOURCE_RATE_LIMIT", "60/minute", validate=_rate_limit
+        )
+        self.RATELIMIT_STORAGE_URI = text("RATELIMIT_STORAGE_URI", "memory://")
+        self.RATELIMIT_KEY_PREFIX = text("RATELIMIT_KEY_PREFIX", "session-api")
+        self.RATELIMIT_HEADERS_ENABLED = True
+        self.TRUSTED_PROXY_COUNT = integer("TRUSTED_PROXY_COUNT", 0, validate=NOT_NEGATIVE)
+
+        self.MAX_JSON_BODY_KB = integer("MAX_JSON_BODY_KB", 64, validate=AT_LEAST_ONE)
+
+        self.STORAGE_BACKEND = text("STORAGE_BACKEND", "local", validate=_one_of("local", "s3"))
+        self.STORAGE_LOCAL_ROOT = text("STORAGE_LOCAL_ROOT", os.path.join(instance_path, "storage"))
+        self.S3_BUCKET = text("S3_BUCKET", None)
+        self.S3_REGION = text("S3_REGION", None)
+        self.S3_ENDPOINT_URL = text("S3_ENDPOINT_URL", None)
+        self.S3_CONNECT_TIMEOUT_SECONDS = integer(
+            "S3_CONNECT_TIMEOUT_SECONDS", 2, validate=AT_LEAST_ONE
+        )
+        self.S3_READ_TIMEOUT_SECONDS = integer("S3_READ_TIMEOUT_SECONDS", 5, validate=AT_LEAST_ONE)
+        self.S3_MAX_ATTEMPTS = integer("S3_MAX_ATTEMPTS", 2, validate=AT_LEAST_ONE)
+        self.DOWNLOAD_URL_EXPIRES_SECONDS = integer(
+            "DOWNLOAD_URL_EXPIRES_SECONDS", 900, validate=AT_LEAST_ONE
+        )
+        self.MAX_UPLOAD_MB = integer("MAX_UPLOAD_MB", 5, validate=AT_LEAST_ONE)
+        self.MAX_FILES_PER_SESSION = integer("MAX_FILES_PER_SESSION", 3, validate=AT_LEAST_ONE)
+        self.UPLOAD_RATE_LIMIT = text("UPLOAD_RATE_LIMIT", "30/minute", validate=_rate_limit)
+
+        self.MAIL_BACKEND = text("MAIL_BACKEND", "console", validate=_one_of("console", "smtp"))
+        self.SMTP_HOST = text("SMTP_HOST", None)
+        self.SMTP_PORT = integer("SMTP_PORT", 587, validate=AT_LEAST_ONE)
+        self.SMTP_USERNAME = text("SMTP_USERNAME", None)
+        self.SMTP_PASSWORD = text("SMTP_PASSWORD", None)
+        self.SMTP_SSL = boolean("SMTP_SSL", False)
+        # Implicit TLS needs no upgrade; asking for both explicitly is a mistake worth naming.
+        self.SMTP_STARTTLS = boolean("SMTP_STARTTLS", not self.SMTP_SSL)
+        self.SMTP_TIMEOUT_SECONDS = integer("SMTP_TIMEOUT_SECONDS", 10, validate=AT_LEAST_ONE)
+        self.MAIL_FROM = text("MAIL_FROM", "no-reply@localhost")
+        self.SERVICE_NAME = text("SERVICE_NAME", "Chat Assistant")
+
+        self.EMAIL_CODE_TTL_MINUTES = integer("EMAIL_CODE_TTL_MINUTES", 10, validate=AT_LEAST_ONE)
+        self.EMAIL_CODE_MAX_ATTEMPTS = integer("EMAIL_CODE_MAX_ATTEMPTS", 3, validate=AT_LEAST_ONE)
+        self.EMAIL_SEND_COOLDOWN_SECONDS = integer(
+            "EMAIL_SEND_COOLDOWN_SECONDS", 30, validate=NOT_NEGATIVE
+        )
+        self.EMAIL_SENDS_PER_SESSION_PER_HOUR = integer(
+            "EMAIL_SENDS_PER_SESSION_PER_HOUR", 3, validate=AT_LEAST_ONE
+        )
+        self.EMAIL_SENDS_PER_ADDRESS_PER_DAY = integer(
+            "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 5, validate=AT_LEAST_ONE
+        )
+        self.EMAIL_RATE_LIMIT = text("EMAIL_RATE_LIMIT", "10/minute", validate=_rate_limit)
+
+        self.ABANDONED_SESSION_MINUTES = integer(
+            "ABANDONED_SESSION_MINUTES", 24 * 60, validate=AT_LEAST_ONE
+        )
+        self.ABANDONED_PURGE_INTERVAL_MINUTES = integer(
+            "ABANDONED_PURGE_INTERVAL_MINUTES", 30, validate=AT_LEAST_ONE
+        )
+
+        self.CONSENT_WORDING_VERSION = text("CONSENT_WORDING_VERSION", "v1")
+        self.DATA_RETENTION_DAYS = integer("DATA_RETENTION_DAYS", 180, validate=AT_LEAST_ONE)
+        self.AUDIT_RETENTION_DAYS = integer("AUDIT_RETENTION_DAYS", 365, validate=AT_LEAST_ONE)
+        self.RETENTION_INTERVAL_MINUTES = integer(
+            "RETENTION_INTERVAL_MINUTES", 24 * 60, validate=AT_LEAST_ONE
+        )
+
+        self.ADMIN_EMAIL = text("ADMIN_EMAIL", None)
+        self.ADMIN_NOTIFY_DEDUP_MINUTES = integer(
+            "ADMIN_NOTIFY_DEDUP_MINUTES", 15, validate=NOT_NEGATIVE
+        )
+        self.SUSPICIOUS_WINDOW_MINUTES = integer(
+            "SUSPICIOUS_WINDOW_MINUTES", 10, validate=AT_LEAST_ONE
+        )
+        self.SUSPICIOUS_FAILED_CODES = integer("SUSPICIOUS_FAILED_CODES", 6, validate=AT_LEAST_ONE)
+        self.SUSPICIOUS_RATE_LIMIT_HITS = integer(
+            "SUSPICIOUS_RATE_LIMIT_HITS", 20, validate=AT_LEAST_ONE
+        )
+
+        self.SCHEDULER_ENABLED = boolean("SCHEDULER_ENABLED", True)
+        self.ORPHAN_SWEEP_INTERVAL_MINUTES = integer(
+            "ORPHAN_SWEEP_INTERVAL_MINUTES", 30, validate=AT_LEAST_ONE
+        )
+        self.ORPHAN_MIN_AGE_MINUTES = integer("ORPHAN_MIN_AGE_MINUTES", 30, validate=NOT_NEGATIVE)
+
+        self.LOG_LEVEL = text(
+            "LOG_LEVEL", "info", validate=_one_of("debug", "info", "warning", "error")
+        )
+
+        # gunicorn.conf.py serves with these; the app checks its time budget against the timeout.
+        self.GUNICORN_BIND = text("GUNICORN_BIND", "0.0.0.0:8000")
+        self.WEB_CONCURRENCY = integer(
+            "WEB_CONCURRENCY", (os.cpu_count() or 1) * 2 + 1, validate=AT_LEAST_ONE
+        )
+        self.GUNICORN_THREADS = integer("GUNICORN_THREADS", 1, validate=AT_LEAST_ONE)
+        self.GUNICORN_TIMEOUT = integer("GUNICORN_TIMEOUT", 60, validate=AT_LEAST_ONE)
+        self.GUNICORN_CERTFILE = text("GUNICORN_CERTFILE", None)
+        self.GUNICORN_KEYFILE = text("GUNICORN_KEYFILE", None)
+
+        problems = _parse_problems(env, environ)
+        problems += self._combination_problems({problem.split(":", 1)[0] for problem in problems})
+        if problems:
+            raise ConfigError(problems)
+        self._derive()
+
+    def _combination_problems(self, malformed: set[str]) -> list[str]:
+        """What is wrong with values that are each valid on their own.
+
+        A check whose variables did not parse is skipped: their own problem is reported.
+        """
+
+        def parsed(*names: str) -> bool:
+            return not malformed.intersection(names)
+
+        problems = []
+        if self.APP_ENV == "production":
+            if self.SECRET_KEY is None:
+                problems.append("SECRET_KEY is required in production")
+            elif len(self.SECRET_KEY) < MIN_PRODUCTION_SECRET_LENGTH:
+                problems.append(
+                    f"SECRET_KEY must be at least {MIN_PRODUCTION_SECRET_LENGTH} characters "
+                    "in production"
+                )
+            if self.SQLALCHEMY_DATABASE_URI.startswith("sqlite"):
+                problems.append("DATABASE_URL must point at PostgreSQL in production")
+            if "*" in self.CORS_ORIGINS:
+                problems.append("CORS_ORIGINS may not be * in production")
+            if self.MAIL_BACKEND == "console":
+                problems.append("MAIL_BACKEND must be smtp in production")
+        if self.STORAGE_BACKEND == "s3" and self.S3_BUCKET is None:
+            problems.append("S3_BUCKET is required when STORAGE_BACKEND=s3")
+        if self.MAIL_BACKEND == "smtp" and self.SMTP_HOST is None:
+            problems.append("SMTP_HOST is required when MAIL_BACKEND=smtp")
+        if self.SMTP_SSL and self.SMTP_STARTTLS:
+            problems.append("SMTP_SSL and SMTP_STARTTLS are exclusive; choose one")
+        if (
+            parsed("DATABASE_LOCK_TIMEOUT_MS", "DATABASE_STATEMENT_TIMEOUT_MS")
+            and self.DATABASE_LOCK_TIMEOUT_MS >= self.DATABASE_STATEMENT_TIMEOUT_MS
+        ):
+            problems.append(
+                "DATABASE_LOCK_TIMEOUT_MS must be below DATABASE_STATEMENT_TIMEOUT_MS, so that "
+                "a wait for a lock is told apart from a database that does not answer"
+            )
+        if parsed(*BUDGET_VARIABLES):
+            problems += self._budget_problems()
+        return problems
+
+    def _budget_problems(self) -> list[str]:
+        """The time budget (docs/decisions.md): one request's worst wait against the timeout."""
+        worst = self.request_worst_case_seconds()
+        allowed = self.GUNICORN_TIMEOUT * BUDGET_SHARE_OF_WORKER_TIMEOUT
+        if worst <= allowed:
+            return []
+        return [
+            f"one request may wait {worst:g} s on its dependencies (database: "
+            "DATABASE_CONNECT_TIMEOUT_SECONDS + DATABASE_LOCK_TIMEOUT_MS + "
+            "DATABASE_STATEMENT_TIMEOUT_MS; storage: "
+            f"{STORAGE_CALLS_PER_REQUEST} x S3_MAX_ATTEMPTS x (S3_CONNECT_TIMEOUT_SECONDS + "
+            "S3_READ_TIMEOUT_SECONDS) plus retry back-off; mail: SMTP_TIMEOUT_SECONDS), more "
+            f"than {BUDGET_SHARE_OF_WORKER_TIMEOUT:.0%} of GUNICORN_TIMEOUT ({allowed:g} s): "
+            "lower those timeouts or raise GUNICORN_TIMEOUT"
+        ]
+
+    def request_worst_case_seconds(self) -> float:
+        """The longest one request can wait on the database, storage and mail together."""
+        database = (
+            self.DATABASE_CONNECT_TIMEOUT_SECONDS
+            + (self.DATABASE_LOCK_TIMEOUT_MS + self.DATABASE_STATEMENT_TIMEOUT_MS) / 1000
+        )
+        storage = 0
+        if self.STORAGE_BACKEND == "s3":
+            attempts = self.S3_MAX_ATTEMPTS
+            backoff = sum(
+                min(2 ** (retry - 1), S3_MAX_BACKOFF_SECONDS) for retry in range(1, attempts)
+            )
+            per_call = attempts * (self.S3_CONNECT_TIMEOUT_SECONDS + self.S3_READ_TIMEOUT_SECONDS)
+            storage = STORAGE_CALLS_PER_REQUEST * (per_call + backoff)
+        mail = self.SMTP_TIMEOUT_SECONDS if self.MAIL_BACKEND == "smtp" else 0
+        # A request sends mail or touches storage, never both (verify-email vs. the file calls).
+        return database + max(storage, mail)
+
+    def _derive(self) -> None:
+        """Settings computed from the ones read."""
+        self.APP_ENV = self.APP_ENV.lower()
+        self.STORAGE_BACKEND = self.STORAGE_BACKEND.lower()
+        self.MAIL_BACKEND = self.MAIL_BACKEND.lower()
+        self.LOG_LEVEL = self.LOG_LEVEL.upper()
+        # A per-process random key keeps development usable without a shared secret.
+        self.SECRET_KEY = self.SECRET_KEY or secrets.token_hex(32)
+        self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024
         self.SQLALCHEMY_ENGINE_OPTIONS = _engine_options(
             self.SQLALCHEMY_DATABASE_URI,
             statement_timeout_ms=self.DATABASE_STATEMENT_TIMEOUT_MS,
+            lock_timeout_ms=self.DATABASE_LOCK_TIMEOUT_MS,
             connect_timeout_s=self.DATABASE_CONNECT_TIMEOUT_SECONDS,
         )
-
-        self.CORS_ORIGINS = env.csv("CORS_ORIGINS", "http://localhost:3000,http://127.0.0.1:3000")
-        if production and "*" in self.CORS_ORIGINS:
-            raise ConfigError("CORS_ORIGINS may not be '*' when APP_ENV=production")
-
-        self.SESSION_RATE_LIMIT = env.rate_limit("SESSION_RATE_LIMIT", "10/minute")
-        self.SESSION_RESOURCE_RATE_LIMIT = env.rate_limit(
-            "SESSION_RESOURCE_RATE_LIMIT", "60/minute"
-        )
-        self.RATELIMIT_STORAGE_URI = env.text("RATELIMIT_STORAGE_URI", "memory://")
-        self.RATELIMIT_KEY_PREFIX = env.text("RATELIMIT_KEY_PREFIX", "session-api")
-        self.RATELIMIT_HEADERS_ENABLED = True
-        self.TRUSTED_PROXY_COUNT = env.integer("TRUSTED_PROXY_COUNT", 0)
-
-        self.MAX_JSON_BODY_KB = env.integer("MAX_JSON_BODY_KB", 64, minimum=1)
-        self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024
-
-        self.STORAGE_BACKEND = env.choice("STORAGE_BACKEND", "local", ("local", "s3"))
-        self.STORAGE_LOCAL_ROOT = env.text(
-            "STORAGE_LOCAL_ROOT", os.path.join(instance_path, "storage")
-        )
-        self.S3_BUCKET = env.optional_text("S3_BUCKET")
-        if self.STORAGE_BACKEND == "s3" and self.S3_BUCKET is None:
-            raise ConfigError("S3_BUCKET is required when STORAGE_BACKEND=s3")
-        self.S3_REGION = env.optional_text("S3_REGION")
-        self.S3_ENDPOINT_URL = env.optional_text("S3_ENDPOINT_URL")
-        self.S3_CONNECT_TIMEOUT_SECONDS = env.integer("S3_CONNECT_TIMEOUT_SECONDS", 3, minimum=1)
-        self.S3_READ_TIMEOUT_SECONDS = env.integer("S3_READ_TIMEOUT_SECONDS", 10, minimum=1)
-        self.S3_MAX_ATTEMPTS = env.integer("S3_MAX_ATTEMPTS", 3, minimum=1)
-        self.DOWNLOAD_URL_EXPIRES_SECONDS = env.integer(
-            "DOWNLOAD_URL_EXPIRES_SECONDS", 900, minimum=1
-        )
-        self.MAX_UPLOAD_MB = env.integer("MAX_UPLOAD_MB", 5, minimum=1)
-        self.MAX_FILES_PER_SESSION = env.integer("MAX_FILES_PER_SESSION", 3, minimum=1)
-        self.UPLOAD_RATE_LIMIT = env.rate_limit("UPLOAD_RATE_LIMIT", "30/minute")
-
-        self.MAIL_BACKEND = env.choice("MAIL_BACKEND", "console", ("console", "smtp"))
-        if production and self.MAIL_BACKEND == "console":
-            raise ConfigError("MAIL_BACKEND must be smtp when APP_ENV=production")
-        self.SMTP_HOST = env.optional_text("SMTP_HOST")
-        if self.MAIL_BACKEND == "smtp" and self.SMTP_HOST is None:
-            raise ConfigError("SMTP_HOST is required when MAIL_BACKEND=smtp")
-        self.SMTP_PORT = env.integer("SMTP_PORT", 587, minimum=1)
-        self.SMTP_USERNAME = env.optional_text("SMTP_USERNAME")
-        self.SMTP_PASSWORD = env.optional_text("SMTP_PASSWORD")
-        self.SMTP_STARTTLS = env.boolean("SMTP_STARTTLS", True)
-        self.SMTP_SSL = env.boolean("SMTP_SSL", False)
-        if self.SMTP_SSL and self.SMTP_STARTTLS and "SMTP_STARTTLS" in environ:
-            raise ConfigError("SMTP_SSL and SMTP_STARTTLS are exclusive; choose one")
-        self.SMTP_TIMEOUT_SECONDS = env.integer("SMTP_TIMEOUT_SECONDS", 10, minimum=1)
-        self.MAIL_FROM = env.text("MAIL_FROM", "no-reply@localhost")
-        self.SERVICE_NAME = env.text("SERVICE_NAME", "Chat Assistant")
-
-        self.EMAIL_CODE_TTL_MINUTES = env.integer("EMAIL_CODE_TTL_MINUTES", 10, minimum=1)
-        self.EMAIL_CODE_MAX_ATTEMPTS = env.integer("EMAIL_CODE_MAX_ATTEMPTS", 3, minimum=1)
-        self.EMAIL_SEND_COOLDOWN_SECONDS = env.integer("EMAIL_SEND_COOLDOWN_SECONDS", 30)
-        self.EMAIL_SENDS_PER_SESSION_PER_HOUR = env.integer(
-            "EMAIL_SENDS_PER_SESSION_PER_HOUR", 3, minimum=1
-        )
-        self.EMAIL_SENDS_PER_ADDRESS_PER_DAY = env.integer(
-            "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 5, minimum=1
-        )
-        self.EMAIL_RATE_LIMIT = env.rate_limit("EMAIL_RATE_LIMIT", "10/minute")
-
-        self.ABANDONED_SESSION_MINUTES = env.integer(
-            "ABANDONED_SESSION_MINUTES", 24 * 60, minimum=1
-        )
-        self.ABANDONED_PURGE_INTERVAL_MINUTES = env.integer(
-            "ABANDONED_PURGE_INTERVAL_MINUTES", 30, minimum=1
-        )
-
-        self.CONSENT_WORDING_VERSION = env.text("CONSENT_WORDING_VERSION", "v1")
-        self.DATA_RETENTION_DAYS = env.integer("DATA_RETENTION_DAYS", 180, minimum=1)
-        self.AUDIT_RETENTION_DAYS = env.integer("AUDIT_RETENTION_DAYS", 365, minimum=1)
-        self.RETENTION_INTERVAL_MINUTES = env.integer(
-            "RETENTION_INTERVAL_MINUTES", 24 * 60, minimum=1
-        )
-
-        self.ADMIN_EMAIL = env.optional_text("ADMIN_EMAIL")
-        self.ADMIN_NOTIFY_DEDUP_MINUTES = env.integer("ADMIN_NOTIFY_DEDUP_MINUTES", 15)
-        self.SUSPICIOUS_WINDOW_MINUTES = env.integer("SUSPICIOUS_WINDOW_MINUTES", 10, minimum=1)
-        self.SUSPICIOUS_FAILED_CODES = env.integer("SUSPICIOUS_FAILED_CODES", 6, minimum=1)
-        self.SUSPICIOUS_RATE_LIMIT_HITS = env.integer("SUSPICIOUS_RATE_LIMIT_HITS", 20, minimum=1)
-
-        self.SCHEDULER_ENABLED = env.boolean("SCHEDULER_ENABLED", True)
-        self.ORPHAN_SWEEP_INTERVAL_MINUTES = env.integer(
-            "ORPHAN_SWEEP_INTERVAL_MINUTES", 30, minimum=1
-        )
-        self.ORPHAN_MIN_AGE_MINUTES = env.integer("ORPHAN_MIN_AGE_MINUTES", 30)
-
-        self.LOG_LEVEL = env.choice(
-            "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
-        ).upper()
-
         self.OPENAPI_VERSION = "3.1.0"
         self.OPENAPI_URL_PREFIX = "/api/v1"
         self.OPENAPI_JSON_PATH = "openapi.json"
         self.API_TITLE = "Chat session service"
         self.API_VERSION = "v1"
+        self.warnings: list[str] = []
+        if self.APP_ENV == "production" and self.RATELIMIT_STORAGE_URI.startswith("memory"):
+            self.warnings.append(
+                "RATELIMIT_STORAGE_URI is memory://: every worker process counts on its own, so "
+                "each rate limit applies per worker; set it to a Redis URL to share the counters"
+            )
 
     def as_mapping(self) -> dict[str, Any]:
         """The upper-case settings, ready for ``app.config``."""
         return {key: value for key, value in vars(self).items() if key.isupper()}
 
 
-def _normalise_database_url(url: str) -> str:
-    """Accept the ``postgres://`` scheme that hosting platforms hand out."""
-    if url.startswith("postgres://"):
-        return "postgresql://" + url.removeprefix("postgres://")
+def _parse_problems(env: environs.Env, environ: Mapping[str, str]) -> list[str]:
+    """One line per malformed variable, quoting the value unless it is a secret."""
+    try:
+        env.seal()
+    except environs.EnvValidationError as exc:
+        problems = []
+        by_name = exc.error_messages if isinstance(exc.error_messages, Mapping) else {}
+        for name, messages in by_name.items():
+            quoted = "" if name in SECRET_VARIABLES else f" (got {environ.get(name, '')!r})"
+            problems.append(f"{name}: {' '.join(dict.fromkeys(messages))}{quoted}")
+        return problems
+    return []
+
+
+def normalise_database_url(url: str) -> str:
+    """Send plain PostgreSQL URLs to the driver the project installs (psycopg2).
+
+    SQLAlchemy maps a bare ``postgresql://`` to psycopg 3, and hosting platforms hand out
+    ``postgres://``; both mean "PostgreSQL" to an operator. A URL naming its driver is kept.
+    """
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg2://" + url.removeprefix(scheme)
     return url
 
 
 def _engine_options(
-    url: str, *, statement_timeout_ms: int, connect_timeout_s: int
+    url: str, *, statement_timeout_ms: int, lock_timeout_ms: int, connect_timeout_s: int
 ) -> dict[str, Any]:
     """Engine options that bound every database wait."""
     if url.startswith("postgresql"):
@@ -233,11 +366,13 @@ def _engine_options(
             "hide_parameters": True,
             "connect_args": {
                 "connect_timeout": connect_timeout_s,
-                "options": f"-c statement_timeout={statement_timeout_ms}",
+                "options": (
+                    f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms}"
+                ),
                 "application_name": "chat-session-service",
             },
         }
     if url.startswith("sqlite"):
-        # SQLite has no statement timeout; the busy timeout bounds waits for the write lock.
-        return {"connect_args": {"timeout": statement_timeout_ms / 1000}, "hide_parameters": True}
+        # SQLite's only wait is for the write lock; its busy timeout is the lock timeout.
+        return {"connect_args": {"timeout": lock_timeout_ms / 1000}, "hide_parameters": True}
     return {"hide_parameters": True}

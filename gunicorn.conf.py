@@ -1,13 +1,29 @@
-"""gunicorn settings for production: ``gunicorn wsgi:app`` reads this file."""
+"""gunicorn settings for production: ``gunicorn wsgi:app`` reads this file from the project folder.
 
-import multiprocessing
+The master checks the whole configuration before any worker starts, so a mistake is reported
+once, one line per problem, instead of once per worker boot.
+"""
+
 import os
 
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
-workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 + 1))
-threads = int(os.environ.get("GUNICORN_THREADS", "1"))
-# Every external call has its own shorter timeout; this only catches a stuck worker.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+from dotenv import load_dotenv
+
+from app.logging_setup import exit_for_config_error
+from app.serving import JsonGunicornLogger, log_worker_abort, watch_server_problems
+from config import Config, ConfigError
+
+load_dotenv()
+try:
+    settings = Config(os.environ)
+except ConfigError as error:
+    exit_for_config_error(error)
+
+bind = settings.GUNICORN_BIND
+workers = settings.WEB_CONCURRENCY
+threads = settings.GUNICORN_THREADS
+# Every outbound call has its own shorter timeout, and the app refuses settings whose sum for
+# one request comes near this one (docs/decisions.md, "Time budget"): this only catches a bug.
+timeout = settings.GUNICORN_TIMEOUT
 graceful_timeout = 30
 keepalive = 5
 # Request-line and header bounds, so a client cannot hold a worker with a giant header.
@@ -15,9 +31,23 @@ limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
 # TLS straight from gunicorn, when no TLS-terminating proxy stands in front.
-certfile = os.environ.get("GUNICORN_CERTFILE") or None
-keyfile = os.environ.get("GUNICORN_KEYFILE") or None
+certfile = settings.GUNICORN_CERTFILE
+keyfile = settings.GUNICORN_KEYFILE
 # The app writes its own JSON access log without session UUIDs; gunicorn's would log raw paths.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = settings.LOG_LEVEL.lower()
+logger_class = JsonGunicornLogger
+# gunicorn's control socket sits at one path per user, which two servers on a host would share;
+# nothing here uses it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Report the master's warnings and errors (worker timeouts and crashes) to the admin."""
+    watch_server_problems(os.getcwd(), settings.ADMIN_NOTIFY_DEDUP_MINUTES * 60)
+
+
+def worker_abort(worker):
+    """A worker past its timeout: log where it was stuck before gunicorn ends it."""
+    log_worker_abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -28,6 +29,8 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
     config = Config(os.environ if environ is None else environ, instance_path=app.instance_path)
     app.config.from_mapping(config.as_mapping())
     configure_logging(app.config["LOG_LEVEL"])
+    for warning in config.warnings:
+        logging.getLogger("config").warning(warning)
 
     _init_extensions(app)
     _register_blueprints(app)

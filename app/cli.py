@@ -6,11 +6,12 @@ import json
 import uuid
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from app import jobs
-from app.services import audit
+from app.services import admin_alerts, audit
+from app.storage import StorageUnavailable, current_storage
 
 cleanup = AppGroup("cleanup", help="Run a clean-up job now and print its summary.")
 dry_run_option = click.option(
@@ -63,6 +64,36 @@ def show(session_uuid: uuid.UUID) -> None:
         )
 
 
+storage_group = AppGroup("storage", help="Prepare the file storage.")
+
+
+@storage_group.command("create")
+def create_storage() -> None:
+    """Create the S3 bucket (or the local directory) unless it exists."""
+    try:
+        created = current_storage().create()
+    except StorageUnavailable as exc:
+        raise click.ClickException(f"storage not ready ({exc.reason}): {exc}") from None
+    click.echo("created" if created else "already exists")
+
+
+# How long the command waits for the mail server: the SMTP deadline, and a little more.
+NOTIFY_WAIT_MARGIN_SECONDS = 5
+
+
+@click.command("notify-admin")
+@click.argument("subject")
+@click.option("--signature", help="Deduplication key; defaults to the subject.")
+def notify_admin(subject: str, signature: str | None) -> None:
+    """Mail the admin (deduplicated like every notification); gunicorn's hooks use this."""
+    delivery = admin_alerts.notify(subject, signature=signature or subject, facts={"What": subject})
+    if delivery is not None:
+        timeout = current_app.config["SMTP_TIMEOUT_SECONDS"] + NOTIFY_WAIT_MARGIN_SECONDS
+        delivery.result(timeout=timeout)
+
+
 def init_app(app: Flask) -> None:
     app.cli.add_command(cleanup)
     app.cli.add_command(audit_group)
+    app.cli.add_command(storage_group)
+    app.cli.add_command(notify_admin)

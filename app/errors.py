@@ -22,6 +22,8 @@ class DomainError(Exception):
     status_code = 400
     error = "bad_request"
     message = "The request could not be processed."
+    # Seconds a client should wait before retrying a 503.
+    retry_after = 5
 
     def __init__(self, message: str | None = None, *, details: dict[str, Any] | None = None):
         super().__init__(message or self.message)
@@ -101,6 +103,15 @@ class StorageUnavailableError(DomainError):
     message = "File storage is temporarily unavailable. Please try again later."
 
 
+class SessionBusy(DomainError):
+    """Another request held the session longer than the lock timeout; retrying will work."""
+
+    status_code = 503
+    error = "session_busy"
+    message = "This session is busy with another request. Please try again in a moment."
+    retry_after = 1
+
+
 class UuidGenerationFailed(DomainError):
     """Every attempt to issue a fresh UUID collided."""
 
@@ -172,7 +183,7 @@ def handle_domain_error(exc: DomainError) -> Response:
         admin_alerts.report_exception(exc, status=exc.status_code)
     response = error_response(exc.status_code, exc.error, exc.message, exc.details)
     if exc.status_code == 503:
-        response.headers["Retry-After"] = "5"
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 
@@ -193,11 +204,19 @@ def handle_http_exception(exc: HTTPException) -> Response:
 
 
 def handle_database_unavailable(exc: OperationalError) -> Response:
+    if _is_lock_wait(exc):
+        return handle_domain_error(SessionBusy())
     log.error("database unavailable", exc_info=exc)
     admin_alerts.report_exception(exc, status=503)
     response = error_response(503, "database_unavailable", GENERAL_ERROR)
     response.headers["Retry-After"] = "5"
     return response
+
+
+def _is_lock_wait(exc: OperationalError) -> bool:
+    """The database answered, but a lock was not granted within the lock timeout."""
+    # 55P03 is PostgreSQL's lock_not_available; SQLite reports its busy timeout this way.
+    return getattr(exc.orig, "pgcode", None) == "55P03" or "database is locked" in str(exc.orig)
 
 
 def handle_unexpected(exc: Exception) -> Response:

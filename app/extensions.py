@@ -1,4 +1,6 @@
-"""Extension objects, created unbound and bound to an app in the factory."""
+"""Extension objects, created unbound and bound to an app in the factory, and database helpers."""
+
+import hashlib
 
 from flask_cors import CORS
 from flask_limiter import Limiter
@@ -6,7 +8,8 @@ from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase
 
 from app.schemas import ErrorSchema
@@ -40,3 +43,35 @@ migrate = Migrate()
 limiter = Limiter(key_func=get_remote_address)
 cors = CORS()
 api = SessionApi()
+
+
+def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT for ``model`` that accepts ON CONFLICT clauses on the database in use."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)
+
+
+def has_advisory_locks() -> bool:
+    """Whether the database in use offers advisory locks (PostgreSQL does, SQLite does not).
+
+    Without them, the caller's first write takes SQLite's database-wide write lock, which
+    serialises writers just as well.
+    """
+    return db.session.get_bind().dialect.name == "postgresql"
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) for ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def advisory_xact_lock(name: str, *, wait: bool = True) -> bool:
+    """Hold the advisory lock ``name`` until the transaction ends (PostgreSQL only).
+
+    Waiting is bounded by the connection's lock_timeout; without ``wait``, returns False at
+    once if another transaction holds the lock.
+    """
+    function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+    result = db.session.execute(text(f"SELECT {function}(:key)"), {"key": lock_key(name)})
+    return result.scalar() is not False

@@ -38,13 +38,13 @@ def _caller_correlation_id() -> str | None:
 
 
 def request_session_uuid() -> uuid.UUID | None:
-    """The session a request names, wherever it names it (path, header or JSON body)."""
+    """The session a request names, wherever it names it (path, header, JSON body or form)."""
     candidates = [
         (request.view_args or {}).get("session_uuid"),
         request.headers.get("X-Session-ID"),
     ]
     try:
-        body = request.get_json(silent=True) if request.is_json else None
+        body = request.get_json(silent=True) if request.is_json else request.form
     except HTTPException:
         body = None  # a body too large to read names no session we can trust
     if isinstance(body, dict):

@@ -193,3 +193,16 @@ class ConsentEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
     client_ip: Mapped[str | None] = mapped_column(String(45))
     wording_version: Mapped[str] = mapped_column(String(32))
+
+
+class AdminNotice(Base):
+    """When a kind of admin notification last went out, so each goes out once per window.
+
+    Shared by every worker and host; the signature is stored only as a hash (it may name a
+    client network).
+    """
+
+    __tablename__ = "admin_notices"
+
+    signature_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_sent_at: Mapped[datetime] = mapped_column(UTCDateTime())

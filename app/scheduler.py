@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC
-from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
@@ -38,6 +37,8 @@ def init_app(app: Flask) -> None:
             "interval",
             minutes=app.config[interval_setting],
             id=name,
+            # apscheduler names the job in its "Running job" lines.
+            name=name,
             max_instances=1,
             coalesce=True,
         )
@@ -45,14 +46,19 @@ def init_app(app: Flask) -> None:
     app.extensions["scheduler"] = scheduler
 
 
-def _in_app_context(app: Flask, name: str, job: Callable[..., Any]) -> Callable[[], None]:
+def _in_app_context(
+    app: Flask, name: str, job: Callable[..., jobs.Report | None]
+) -> Callable[[], None]:
     def run() -> None:
         with app.app_context():
             try:
-                job(scheduled=True)
+                report = job(scheduled=True)
             except Exception as exc:
                 db.session.rollback()
                 log.exception("scheduled job failed", extra={"job": name})
                 admin_alerts.report_exception(exc)
+                return
+            if report is not None:
+                log.info("scheduled job finished", extra={"job": name, "summary": report.as_dict()})
 
     return run

@@ -125,6 +125,12 @@ class ReadinessSchema(ma.Schema):
     status = fields.String(required=True, validate=validate.OneOf(["success", "error"]))
     message = fields.String(required=True)
     checks = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    reasons = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={"description": "Why each unavailable dependency is unavailable"},
+    )
     last_orphan_sweep_at = fields.AwareDateTime(required=True, allow_none=True)
 
 

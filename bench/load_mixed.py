@@ -158,7 +158,10 @@ def main() -> None:
             "SCHEDULER_ENABLED": "false",
         }
         migrate(env)
-        with gunicorn_process("wsgi:app", env, workers=args.workers, probe_path="/health") as base:
+        with gunicorn_process(
+            "wsgi:app", env, workers=args.workers, probe_path="/health"
+        ) as served:
+            base = served.url
             port = urlsplit(base).port or 80
             queue: multiprocessing.Queue = multiprocessing.Queue()
             per_process = max(1, args.users // 2)

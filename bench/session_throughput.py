@@ -155,8 +155,8 @@ def main() -> None:
                 workers=args.workers,
             ) as floor_url,
         ):
-            app_port, bare_port = urlsplit(app_url).port, urlsplit(bare_url).port
-            floor_port = urlsplit(floor_url).port
+            app_port, bare_port = urlsplit(app_url.url).port, urlsplit(bare_url.url).port
+            floor_port = urlsplit(floor_url.url).port
             known = []
             for _ in range(200):
                 conn = http.client.HTTPConnection("127.0.0.1", app_port)

@@ -1,5 +1,4 @@
 import logging
-from logging.config import fileConfig
 
 from flask import current_app
 
@@ -11,10 +10,8 @@ from app.models import UTCDateTime
 # access to the values within the .ini file in use.
 config = context.config
 
-# Interpret the config file for Python logging.
-# This line sets up loggers basically.
-# Keep the app's own loggers alive when migrations run in-process (tests, release step).
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+# Logging is the app's own (one JSON object per line), set up by the app factory; the
+# logging sections of alembic.ini are deliberately not applied.
 logger = logging.getLogger('alembic.env')
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import os
+import re
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -30,6 +33,7 @@ from sqlalchemy.engine import make_url
 from app import create_app
 from app.extensions import db
 from app.models import (
+    AdminNotice,
     AuditEvent,
     ChatSession,
     ConsentEvent,
@@ -37,6 +41,7 @@ from app.models import (
     JobRun,
     RetiredSessionUUID,
 )
+from tests.servers import PROJECT_ROOT, VENV_BIN
 
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
@@ -66,12 +71,21 @@ def postgres_url() -> Iterator[str]:
     admin_url = _service_url("TEST_DATABASE_URL")
     name = f"session_service_test_{RUN_ID}_{os.getpid()}"
     _run_admin_statement(admin_url, f'CREATE DATABASE "{name}"')
-    yield (
-        make_url(admin_url)
-        .set(drivername="postgresql+psycopg2", database=name)
-        .render_as_string(hide_password=False)
-    )
+    # The URL keeps the scheme the operator wrote (plain postgresql://): the app picks the driver.
+    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     _run_admin_statement(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database, named by the plain URL an operator writes."""
+    server = _service_url("TEST_DATABASE_URL")
+    name = f"fresh_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    _run_admin_statement(server, f'CREATE DATABASE "{name}"')
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    assert url.startswith("postgresql://")
+    yield url
+    _run_admin_statement(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +150,15 @@ def build_app(database_url: str, **overrides: str) -> Flask:
         if database_url not in _migrated:
             upgrade()
             _migrated.add(database_url)
-        for model in (AuditEvent, RetiredSessionUUID, ChatSession, JobRun, EmailSend, ConsentEvent):
+        for model in (
+            AuditEvent,
+            RetiredSessionUUID,
+            ChatSession,
+            JobRun,
+            EmailSend,
+            ConsentEvent,
+            AdminNotice,
+        ):
             db.session.execute(delete(model))
         db.session.commit()
     return app
@@ -275,3 +297,38 @@ def smtp_env(port: int) -> dict[str, str]:
         "SMTP_TIMEOUT_SECONDS": "2",
         "MAIL_FROM": "verify@chat.example",
     }
+
+
+def code_in(message: EmailMessage) -> str:
+    """The 6-digit verification code in a message's plain-text body."""
+    text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    found = re.search(r"\b(\d{6})\b", text)
+    assert found is not None, "no code in the message"
+    return found.group(1)
+
+
+def operator(
+    env: dict[str, str], *command: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as typed in the project directory with the virtual environment active."""
+    result = subprocess.run(
+        list(command),
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stdout}{result.stderr}"
+    return result
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Every line parsed as JSON; fails on the first line that is not one JSON object."""
+    parsed = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        parsed.append(record)
+    return parsed

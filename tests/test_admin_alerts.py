@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from flask import Flask
 
@@ -13,12 +18,13 @@ from app.messages import GENERAL_ERROR
 from tests.conftest import (
     JSON_HEADERS,
     audit_rows,
+    base_env,
     build_app,
     smtp_env,
     smtp_server,
     unreachable_s3_env,
 )
-from tests.servers import free_port
+from tests.servers import free_port, gunicorn_process
 
 ADMIN = "admin@ops.example"
 
@@ -149,3 +155,111 @@ def test_a_job_error_is_notified(database_url: str) -> None:
         assert result.exit_code == 0
         assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
         assert "orphan_sweep" in inbox.to(ADMIN)[0]["Subject"]
+
+
+def test_one_notification_per_window_across_workers(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        workers = [
+            with_failing_route(build_app(database_url, ADMIN_EMAIL=ADMIN, **smtp_env(port)))
+            for _ in range(2)
+        ]
+        for worker in workers:
+            assert worker.test_client().post("/api/v1/test-failure").status_code == 500
+            assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+
+        assert not wait_for(lambda: len(inbox.to(ADMIN)) > 1, timeout=2.0)
+
+
+def test_a_burst_of_rate_limit_hits_on_several_workers_is_one_mail(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        workers = [
+            build_app(
+                database_url,
+                ADMIN_EMAIL=ADMIN,
+                SESSION_RATE_LIMIT="2/minute",
+                SUSPICIOUS_RATE_LIMIT_HITS="3",
+                **smtp_env(port),
+            ).test_client()
+            for _ in range(3)
+        ]
+
+        statuses = [workers[i % 3].post("/api/v1/generate-uuid").status_code for i in range(12)]
+
+        assert statuses.count(429) == 10
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        assert not wait_for(lambda: len(inbox.to(ADMIN)) > 1, timeout=2.0)
+
+
+def test_a_503_from_an_upload_names_the_session_of_the_form(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(database_url, ADMIN_EMAIL=ADMIN, **unreachable_s3_env(), **smtp_env(port))
+        client = app.test_client()
+        session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+
+        refused = client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(b"%PDF-1.4\n"), "cv.pdf")},
+            content_type="multipart/form-data",
+        )
+
+        assert refused.status_code == 503
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        text = inbox.to(ADMIN)[0].get_body(preferencelist=("plain",)).get_content()
+        assert f"Session UUID: {session_uuid}" in text
+        assert refused.headers["X-Correlation-ID"] in text
+
+
+def test_a_failing_readiness_check_is_notified(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(database_url, ADMIN_EMAIL=ADMIN, **unreachable_s3_env(), **smtp_env(port))
+
+        assert app.test_client().get("/ready").status_code == 503
+
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        [alert] = inbox.to(ADMIN)
+        assert "Readiness check failing" in alert["Subject"]
+        assert "Storage: unreachable" in alert.get_body(preferencelist=("plain",)).get_content()
+
+
+def children_of(parent: int) -> list[int]:
+    """The process ids whose parent is ``parent`` (read from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(sqlite_url: str) -> None:
+    build_app(sqlite_url)  # the schema the server will use
+    with smtp_server() as (port, inbox):
+        env = base_env(
+            sqlite_url,
+            ADMIN_EMAIL=ADMIN,
+            **smtp_env(port),
+            # The shortest worker timeout these dependency timeouts allow (config.py).
+            GUNICORN_TIMEOUT="5",
+            DATABASE_CONNECT_TIMEOUT_SECONDS="1",
+            DATABASE_LOCK_TIMEOUT_MS="200",
+            DATABASE_STATEMENT_TIMEOUT_MS="500",
+        )
+        with gunicorn_process("wsgi:app", env, workers=2, probe_path="/health") as served:
+            crashed, stuck = sorted(children_of(served.process.pid))[:2]
+            # gunicorn judges a worker by its heartbeat, which starts some seconds after boot.
+            time.sleep(3)
+            os.kill(crashed, signal.SIGSEGV)
+            os.kill(stuck, signal.SIGSTOP)
+
+            def subjects() -> str:
+                return " | ".join(str(message["Subject"]) for message in inbox.to(ADMIN))
+
+            try:
+                assert wait_for(lambda: "SIGSEGV" in subjects(), timeout=30), subjects()
+                assert wait_for(lambda: "WORKER TIMEOUT" in subjects(), timeout=30), subjects()
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stuck, signal.SIGCONT)

@@ -79,7 +79,8 @@ def test_the_frontend_flow_works_from_an_allowed_origin_only(
             STORAGE_LOCAL_ROOT=str(tmp_path),
             **smtp_env(port),
         )
-        with app_process(env) as api, chromium() as driver:
+        with app_process(env) as served, chromium() as driver:
+            api = served.url
             good = run_flow(driver, allowed, api)
             sessions_before = len(audit_rows(app, "uuid_generated"))
             blocked = run_flow(driver, other, api)

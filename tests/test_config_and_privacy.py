@@ -1,11 +1,19 @@
-"""Configuration coercion and the personal-data reducers."""
+"""Configuration coercion and refusal, the personal-data reducers, and what logs may carry."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+import uuid
+
 import pytest
 
+from app.logging_setup import RedactingJsonFormatter
 from app.privacy import mask_email, truncate_ip
 from config import Config, ConfigError
+from tests.conftest import json_lines, operator
+from tests.servers import free_port
 
 
 def make(**environ: str) -> Config:
@@ -25,7 +33,7 @@ def test_development_defaults_are_embedded() -> None:
 
 PRODUCTION = {
     "APP_ENV": "production",
-    "SECRET_KEY": "s",
+    "SECRET_KEY": "a-production-secret-of-32-chars!",
     "DATABASE_URL": "postgresql://db/app",
     "MAIL_BACKEND": "smtp",
     "SMTP_HOST": "smtp.example.org",
@@ -40,6 +48,7 @@ PRODUCTION = {
         ({"CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
         ({"MAIL_BACKEND": "console"}, "MAIL_BACKEND"),
         ({"SMTP_HOST": ""}, "SMTP_HOST"),
+        ({"SECRET_KEY": "x" * 31}, "SECRET_KEY must be at least 32 characters"),
     ],
 )
 def test_production_refuses_insecure_defaults(override: dict[str, str], named: str) -> None:
@@ -78,11 +87,84 @@ def test_values_are_coerced() -> None:
 
     assert config.TRUSTED_PROXY_COUNT == 2
     assert config.CORS_ORIGINS == ["https://a.example", "https://b.example"]
-    assert config.SQLALCHEMY_DATABASE_URI == "postgresql://u@h/db"
+    assert config.SQLALCHEMY_DATABASE_URI == "postgresql+psycopg2://u@h/db"
     assert config.MAX_CONTENT_LENGTH == 8 * 1024
     assert (
-        config.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["options"] == "-c statement_timeout=5000"
+        config.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["options"]
+        == "-c statement_timeout=5000 -c lock_timeout=2000"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgresql://u@h:5432/db", "postgresql+psycopg2://u@h:5432/db"),
+        ("postgres://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("sqlite:////tmp/x.sqlite3", "sqlite:////tmp/x.sqlite3"),
+    ],
+)
+def test_plain_postgresql_urls_use_the_installed_driver(given: str, used: str) -> None:
+    assert used == make(DATABASE_URL=given).SQLALCHEMY_DATABASE_URI
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as refused:
+        make(
+            TRUSTED_PROXY_COUNT="one",
+            MAX_UPLOAD_MB="0",
+            SESSION_RATE_LIMIT="ten a minute",
+            LOG_LEVEL="loud",
+        )
+
+    named = sorted(problem.split(":")[0] for problem in refused.value.problems)
+    assert named == ["LOG_LEVEL", "MAX_UPLOAD_MB", "SESSION_RATE_LIMIT", "TRUSTED_PROXY_COUNT"]
+    assert "(got 'one')" in str(refused.value)
+
+
+def test_a_secret_is_never_quoted_in_a_problem() -> None:
+    with pytest.raises(ConfigError) as refused:
+        make(DATABASE_URL="postgresql://u:hunter2@h/db", DATABASE_CONNECT_TIMEOUT_SECONDS="x")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_defaults_fit_the_time_budget_with_s3_and_smtp() -> None:
+    config = make(**PRODUCTION, STORAGE_BACKEND="s3", S3_BUCKET="b")
+
+    # database 3 + 2 + 5, then two storage calls of 2 x (2 + 5) + 1 s of back-off each
+    assert config.request_worst_case_seconds() == 40
+    assert config.request_worst_case_seconds() <= 0.8 * config.GUNICORN_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"S3_MAX_ATTEMPTS": "3", "S3_READ_TIMEOUT_SECONDS": "10"},
+        {"GUNICORN_TIMEOUT": "30"},
+        {"SMTP_TIMEOUT_SECONDS": "60"},
+    ],
+)
+def test_settings_that_break_the_time_budget_are_refused_by_name(
+    environ: dict[str, str],
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        make(STORAGE_BACKEND="s3", S3_BUCKET="b", MAIL_BACKEND="smtp", SMTP_HOST="h", **environ)
+
+    [problem] = refused.value.problems
+    for name in environ:
+        assert name in problem
+
+
+def test_lock_waits_must_be_shorter_than_statements() -> None:
+    with pytest.raises(ConfigError, match="DATABASE_LOCK_TIMEOUT_MS"):
+        make(DATABASE_LOCK_TIMEOUT_MS="5000")
+
+
+def test_production_with_in_memory_counters_warns_that_limits_are_per_worker() -> None:
+    assert make().warnings == []
+    [warning] = make(**PRODUCTION).warnings
+    assert "per worker" in warning
+    assert make(**PRODUCTION, RATELIMIT_STORAGE_URI="redis://r:6379/0").warnings == []
 
 
 @pytest.mark.parametrize(
@@ -109,3 +191,66 @@ def test_truncate_ip_keeps_only_the_network(address: str | None, kept: str | Non
 )
 def test_mask_email(email: str | None, masked: str | None) -> None:
     assert mask_email(email) == masked
+
+
+BROKEN = {
+    "APP_ENV": "production",
+    "SECRET_KEY": "too-short",
+    "DATABASE_URL": "postgresql://app:hunter2@127.0.0.1:1/app",
+    "MAIL_BACKEND": "console",
+    "MAX_UPLOAD_MB": "five",
+}
+BROKEN_NAMES = ("SECRET_KEY", "MAIL_BACKEND", "MAX_UPLOAD_MB")
+
+
+def _reported_once_each(output: str) -> None:
+    """Every line JSON, one per problem, each problem named once, no traceback, no secret."""
+    assert "Traceback" not in output
+    assert "hunter2" not in output
+    problems = [str(line["message"]) for line in json_lines(output) if line["logger"] == "config"]
+    assert len(problems) == len(BROKEN_NAMES)
+    for name in BROKEN_NAMES:
+        assert len([problem for problem in problems if problem.startswith(name)]) == 1
+
+
+def test_the_flask_cli_reports_every_configuration_problem_and_exits() -> None:
+    refused = operator(BROKEN, "flask", "--app", "wsgi", "db", "upgrade", check=False)
+
+    assert refused.returncode == 2
+    _reported_once_each(refused.stderr + refused.stdout)
+
+
+def test_gunicorn_reports_every_configuration_problem_once_and_exits() -> None:
+    env = {**BROKEN, "GUNICORN_BIND": f"127.0.0.1:{free_port()}", "WEB_CONCURRENCY": "3"}
+
+    refused = operator(env, "gunicorn", "wsgi:app", check=False)
+
+    assert refused.returncode != 0
+    _reported_once_each(refused.stderr + refused.stdout)
+
+
+def test_log_lines_never_carry_a_session_uuid_or_an_address() -> None:
+    session_uuid, correlation_id = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        raise ValueError(f"no session {session_uuid} for jane.doe@example.org")
+    except ValueError:
+        record = logging.LogRecord(
+            "gunicorn.error",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request /api/v1/session/%s",
+            (session_uuid.upper(),),
+            sys.exc_info(),
+        )
+    record.correlation_id = correlation_id
+
+    line = RedactingJsonFormatter().format(record)
+
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "Error handling request /api/v1/session/<uuid>"
+    assert "ValueError: no session <uuid> for <email>" in parsed["exc_info"]
+    assert session_uuid not in line.lower()
+    assert "example.org" not in line
+    assert parsed["correlation_id"] == correlation_id

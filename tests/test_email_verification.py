@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from email.message import EmailMessage
 
 import pytest
 from flask import Flask
@@ -23,6 +24,7 @@ from tests.conftest import (
     Inbox,
     audit_rows,
     build_app,
+    code_in,
     session_row,
     smtp_env,
     smtp_server,
@@ -71,11 +73,6 @@ def outcome(response) -> tuple[str, str | None, str]:
     return body["status"], body.get("error"), body["nextTransition"]
 
 
-def code_in(message: EmailMessage) -> str:
-    text = message.get_body(preferencelist=("plain",)).get_content()
-    return re.search(r"\b(\d{6})\b", text).group(1)
-
-
 def rewind_sends(app: Flask, session_uuid: str, seconds: int) -> None:
     """Move this session's send history into the past, as the clock would."""
     with app.app_context():
@@ -117,6 +114,7 @@ def test_the_code_from_the_mail_completes_the_session(
     assert row.completed_at is not None
     assert row.verification_code_hash is None
     assert [e.event_type for e in audit_rows(app)][1:] == [
+        "verification_code_issued",
         "verification_code_sent",
         "email_verified",
     ]
@@ -261,7 +259,10 @@ def test_smtp_down_is_an_error_and_a_later_code_still_comes(database_url: str) -
     assert row is not None
     assert row.verification_code_hash is None
     assert row.email is None
-    assert [e.event_type for e in audit_rows(app)][1:] == ["verification_send_failed"]
+    assert [e.event_type for e in audit_rows(app)][1:] == [
+        "verification_code_issued",
+        "verification_send_failed",
+    ]
     with smtp_server(port) as (_, inbox):
         up = call(client, "verify-email", session_uuid, {"email": ADDRESS})
         assert outcome(up) == ("success", None, "CODE_INPUT")
@@ -370,3 +371,50 @@ def test_the_console_transport_prints_the_message(
     printed = capsys.readouterr().out
     assert f"To: {STORED_ADDRESS}" in printed
     assert re.search(r"\b\d{6}\b", printed)
+
+
+def test_a_retry_during_a_slow_send_sends_nothing_and_waits_for_nothing(
+    database_url: str,
+) -> None:
+    with smtp_server(delay=1.0) as (port, inbox):
+        app = build_app(database_url, **smtp_env(port))
+        session_uuid = new_session(app.test_client())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(
+                call, app.test_client(), "verify-email", session_uuid, {"email": ADDRESS}
+            )
+            time.sleep(0.3)  # the first request has claimed its send and is talking to SMTP
+            started = time.monotonic()
+            retry = call(app.test_client(), "verify-email", session_uuid, {"email": ADDRESS})
+            resumed = app.test_client().post(
+                "/api/v1/validate-uuid", json={"uuid": session_uuid}, headers=JSON_HEADERS
+            )
+            waited = time.monotonic() - started
+            assert not first.done(), "the slow send should still be in progress"
+            sent = first.result()
+
+    assert outcome(retry) == outcome(sent) == ("success", None, "CODE_INPUT")
+    assert resumed.get_json()["status"] == "success"
+    assert waited < 0.5, "a call on the session waited for the mail server"
+    assert len(inbox.messages) == 1
+
+
+def test_a_failed_send_keeps_the_code_already_sent_and_counts_for_nothing(
+    database_url: str,
+) -> None:
+    port = free_port()
+    app = build_app(database_url, EMAIL_SEND_COOLDOWN_SECONDS="0", **smtp_env(port))
+    client = app.test_client()
+    session_uuid = new_session(client)
+    with smtp_server(port) as (_, inbox):
+        assert outcome(call(client, "verify-email", session_uuid, {"email": ADDRESS}))[0] == (
+            "success"
+        )
+        code = code_in(inbox.messages[0])
+
+    failed = call(client, "resend-code", session_uuid, {})
+
+    assert outcome(failed) == ("error", "mail_unavailable", "CODE_INPUT")
+    with app.app_context():
+        assert db.session.query(EmailSend).count() == 1
+    assert outcome(call(client, "verify-code", session_uuid, {"code": code}))[2] == "CHAT_READY"

@@ -1,4 +1,4 @@
-"""Faults: storage failing mid-operation, the database gone, a sweep killed halfway.
+"""Faults: storage failing mid-operation, the database gone or locked, a sweep killed halfway.
 
 Storage faults are real S3 protocol errors: the app talks to a proxy in front of the moto
 server that answers chosen requests with HTTP 500 instead of forwarding them.
@@ -9,16 +9,20 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import boto3
+import psycopg2
 import pytest
 from flask import Flask
+from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.clock import utcnow
@@ -128,12 +132,14 @@ def test_erasure_when_deleting_fails_then_a_retry_completes(
 
     refused = client.delete(f"/api/v1/session/{session_uuid}")
 
+    # The session is ended in the database first; only its file is left, and the answer says so.
     assert refused.status_code == 503
-    assert session_row(faulty_app, session_uuid) is not None
+    assert session_row(faulty_app, session_uuid) is None
     proxy[0].fault = None
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
-    assert client.delete(f"/api/v1/session/{session_uuid}").status_code == 200
-    assert session_row(faulty_app, session_uuid) is None
+    retried = client.delete(f"/api/v1/session/{session_uuid}")
+    assert retried.status_code == 200
+    assert retried.get_json()["message"] == "Session was already erased."
     assert stored(faulty_app) == []
 
 
@@ -236,3 +242,67 @@ def test_a_sweep_killed_halfway_loses_nothing_and_the_next_run_finishes(
     assert result.exit_code == 0, result.output
     remaining = stored(app)
     assert sorted(remaining) == sorted(f"uploads/{session}/cv.pdf" for session in live)
+
+
+@contextmanager
+def row_locked_elsewhere(database_url: str, session_uuid: str) -> Iterator[None]:
+    """Another connection holds the session's row (PostgreSQL) or the write lock (SQLite)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(str(url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    else:
+        holder = psycopg2.connect(url.render_as_string(hide_password=False))
+        holder.cursor().execute(
+            "SELECT uuid FROM chat_sessions WHERE uuid = %s FOR UPDATE", (session_uuid,)
+        )
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_a_session_held_too_long_answers_busy_and_a_retry_succeeds(database_url: str) -> None:
+    app = build_app(database_url)
+    client = app.test_client()
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+    body = {"uuid": session_uuid, "consent_user_data": True}
+
+    with row_locked_elsewhere(database_url, session_uuid):
+        started = time.monotonic()
+        busy = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
+        waited = time.monotonic() - started
+
+    assert busy.status_code == 503
+    assert busy.get_json()["error"] == "session_busy"
+    assert "Retry-After" in busy.headers
+    assert 1.5 < waited < 4.0, "the wait is the 2 s lock timeout, not the statement timeout"
+    retried = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
+    assert retried.status_code == 200
+
+
+def test_readiness_names_a_missing_bucket_and_the_create_command_makes_it(
+    database_url: str, s3_endpoint: str
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_BUCKET": f"missing-{uuid.uuid4().hex[:12]}"}
+    app = build_app(database_url, **settings)
+    client, runner = app.test_client(), app.test_cli_runner()
+
+    missing = client.get("/ready")
+
+    assert missing.status_code == 503
+    assert missing.get_json()["checks"]["storage"] == "unavailable"
+    assert missing.get_json()["reasons"]["storage"].startswith("missing_bucket: ")
+    assert runner.invoke(args=["storage", "create"]).output.strip() == "created"
+    assert client.get("/ready").get_json()["reasons"] == {}
+    assert runner.invoke(args=["storage", "create"]).output.strip() == "already exists"
+
+
+def test_readiness_names_refused_access(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
+    proxy[0].fault = lambda name, path, body: (403, b"") if name == "HeadBucket" else None
+
+    refused = faulty_app.test_client().get("/ready")
+
+    assert refused.status_code == 503
+    assert refused.get_json()["reasons"]["storage"].startswith("access_denied: ")

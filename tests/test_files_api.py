@@ -312,7 +312,8 @@ def test_concurrent_uploads_never_exceed_the_limit(
 def test_an_endless_body_is_refused_before_it_is_read(database_url: str, tmp_path) -> None:
     env = base_env(database_url, STORAGE_LOCAL_ROOT=str(tmp_path))
     build_app(database_url)  # migrate the schema the server process will use
-    with app_process(env) as base_url:
+    with app_process(env) as served:
+        base_url = served.url
         issued = requests.post(f"{base_url}/api/v1/generate-uuid", timeout=10).json()["uuid"]
         host = urlsplit(base_url)
         connection = http.client.HTTPConnection(host.hostname, host.port, timeout=10)

@@ -241,7 +241,8 @@ def test_two_instances_sharing_redis_share_the_count(database_url: str, redis_ur
     in_process = build_app(database_url, **shared).test_client()
     env = base_env(database_url, **shared)
 
-    with app_process(env) as other_instance:
+    with app_process(env) as served:
+        other_instance = served.url
         here = _burst(in_process, 5)
         there = [
             requests.post(f"{other_instance}/api/v1/generate-uuid", timeout=10).status_code

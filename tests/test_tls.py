@@ -52,7 +52,10 @@ def test_gunicorn_serves_https_with_hsts(sqlite_url: str, tmp_path: Path) -> Non
     cert, key = self_signed_pair(tmp_path)
     env = base_env(sqlite_url, GUNICORN_CERTFILE=str(cert), GUNICORN_KEYFILE=str(key))
 
-    with gunicorn_process("wsgi:app", env, workers=1, scheme="https", probe_path="/health") as url:
+    with gunicorn_process(
+        "wsgi:app", env, workers=1, scheme="https", probe_path="/health"
+    ) as served:
+        url = served.url
         response = requests.post(f"{url}/api/v1/generate-uuid", verify=str(cert), timeout=10)
         plain = None
         try:

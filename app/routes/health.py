@@ -22,15 +22,15 @@ def liveness() -> dict[str, Any]:
 
 @health_bp.route("/ready", methods=["GET"])
 @health_bp.response(200, ReadinessSchema)
-@health_bp.alt_response(503, schema=ReadinessSchema, description="A dependency is unreachable")
+@health_bp.alt_response(503, schema=ReadinessSchema, description="A dependency is unavailable")
 def readiness() -> tuple[dict[str, Any], int]:
-    """Whether every dependency answers; 503 names the ones that do not."""
-    checks = health.check_dependencies()
-    ready = all(value == "ok" for value in checks.values())
+    """Whether every dependency answers; 503 names the ones that do not, and why."""
+    result = health.readiness()
     body = {
-        "status": "success" if ready else "error",
-        "message": "ready" if ready else "not ready",
-        "checks": checks,
-        "last_orphan_sweep_at": health.last_orphan_sweep(),
+        "status": "success" if result.ready else "error",
+        "message": "ready" if result.ready else "not ready",
+        "checks": result.checks,
+        "reasons": result.reasons,
+        "last_orphan_sweep_at": result.last_orphan_sweep_at,
     }
-    return body, 200 if ready else 503
+    return body, 200 if result.ready else 503

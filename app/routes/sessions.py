@@ -21,7 +21,7 @@ from app.schemas import (
     ValidateUuidRequestSchema,
     ValidateUuidResponseSchema,
 )
-from app.services import chat_sessions, data_rights
+from app.services import chat_sessions, consent, data_rights
 from app.services.chat_sessions import SessionOverview, Verdict
 
 sessions_bp = ApiBlueprint(
@@ -76,7 +76,7 @@ def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def persist_session(body: dict[str, Any]) -> dict[str, Any]:
     """Record consent to store personal data, optionally with name and e-mail."""
-    chat_session = chat_sessions.persist(
+    chat_session = consent.persist(
         body["uuid"] if body.get("uuid") is not None else body["session_uuid"],
         consent_user_data=body["consent_user_data"],
         name=body.get("name"),

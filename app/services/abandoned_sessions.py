@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -12,12 +11,10 @@ from sqlalchemy import ColumnElement, delete, select
 
 from app.extensions import db
 from app.models import ChatSession, EmailSend, RetirementReason, SessionState
-from app.services import admin_alerts, audit
+from app.services import audit
 from app.services.audit import SYSTEM
-from app.services.erasure import erase_sessions
-from app.storage import StorageUnavailable, current_storage, session_objects
-
-log = logging.getLogger(__name__)
+from app.services.erasure import erase_all, report_problems
+from app.storage import current_storage, session_objects
 
 JOB_NAME = "abandoned_sessions"
 BATCH = 200
@@ -53,7 +50,6 @@ def purge_abandoned(*, now: datetime, idle: timedelta, dry_run: bool) -> PurgeRe
         audit.record("abandoned_purge_completed", SYSTEM, **report.as_dict())
         db.session.commit()
     report.duration_seconds = round(time.perf_counter() - started, 3)
-    log.info("abandoned-session purge finished", extra={"summary": report.as_dict()})
     return report
 
 
@@ -62,35 +58,11 @@ def _abandoned(cutoff: datetime) -> ColumnElement[bool]:
 
 
 def _purge(eligible: ColumnElement[bool], report: PurgeReport) -> None:
-    while True:
-        batch = list(
-            db.session.scalars(
-                select(ChatSession.uuid)
-                .where(eligible)
-                .order_by(ChatSession.last_seen_at)
-                .limit(BATCH)
-            )
-        )
-        if not batch:
-            return
-        try:
-            erased = erase_sessions(
-                batch, eligible, reason=RetirementReason.ABANDONED, context=SYSTEM
-            )
-        except StorageUnavailable as exc:
-            # Nothing changed in the database; the next run tries again.
-            report.errors += 1
-            log.error(
-                "abandoned-session purge stopped: storage unavailable", extra={"error": str(exc)}
-            )
-            audit.record("abandoned_purge_error", SYSTEM, error=str(exc)[:500], sessions=len(batch))
-            db.session.commit()
-            admin_alerts.report_job_error(JOB_NAME, str(exc)[:500])
-            return
-        report.sessions_purged += len(erased)
-        report.files_deleted += sum(erased.values())
-        if len(batch) < BATCH:
-            return
+    totals = erase_all(eligible, reason=RetirementReason.ABANDONED, batch_size=BATCH)
+    report.sessions_purged = totals.sessions
+    report.files_deleted = totals.files
+    report_problems(JOB_NAME, "abandoned_purge_error", totals.problems)
+    report.errors = len(totals.problems)
 
 
 def _count(eligible: ColumnElement[bool], report: PurgeReport) -> None:

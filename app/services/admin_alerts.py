@@ -1,14 +1,17 @@
-"""Telling the administrator: unexpected errors, job errors and suspicious bursts.
+"""Telling the administrator: unexpected errors, job errors, server problems and suspicious bursts.
 
 Notifications are built from what is known at the moment of the error, then handed to one
 background thread that adds the session's recent audit events ("user actions") and mails
 ADMIN_EMAIL; the request never waits for the mail server, and a failing mail server is
-only logged. Each signature is sent at most once per ADMIN_NOTIFY_DEDUP_MINUTES in each
-process. Without ADMIN_EMAIL the notification is logged instead.
+only logged. Each signature goes out at most once per ADMIN_NOTIFY_DEDUP_MINUTES in the whole
+deployment: the ``admin_notices`` table is the shared record, and when the database is the
+thing that is down each process falls back on its own memory. Without ADMIN_EMAIL the
+notification is logged instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import traceback
@@ -19,15 +22,15 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 
 from flask import Flask, current_app, has_request_context, request
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import db, upsert
 from app.logging_setup import recent_problems
 from app.mail import MailUnavailable, current_mailer
 from app.middleware import current_correlation_id, request_session_uuid
-from app.models import AuditEvent
+from app.models import AdminNotice, AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +58,23 @@ class AdminAlerts:
         self._lock = threading.Lock()
 
     def send(self, alert: Alert) -> Future[None] | None:
-        """Queue ``alert`` unless the same signature went out within the window."""
-        window = timedelta(minutes=self._app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
+        """Queue ``alert`` unless this process sent the same signature within the window."""
         now = utcnow()
         with self._lock:
             last = self._last_sent.get(alert.signature)
-            if last is not None and now - last < window:
+            if last is not None and now - last < self._window():
                 return None
             self._last_sent[alert.signature] = now
-        return self._executor.submit(self._deliver, alert)
+        return self._executor.submit(self._deliver, alert, now)
 
-    def _deliver(self, alert: Alert) -> None:
+    def _window(self) -> timedelta:
+        return timedelta(minutes=self._app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
+
+    def _deliver(self, alert: Alert, now: datetime) -> None:
         try:
             with self._app.app_context():
+                if not _first_in_deployment(alert.signature, now, self._window()):
+                    return
                 if alert.session_uuid is not None:
                     alert.sections["User actions (latest audit events of the session)"] = (
                         _user_actions(alert.session_uuid)
@@ -134,6 +141,13 @@ def _report_exception(exc: BaseException, status: int | None) -> None:
     )
 
 
+def notify(subject: str, signature: str, facts: dict[str, str]) -> Future[None] | None:
+    """Notify about a problem outside any request or job (a server event, a failing probe)."""
+    return current_alerts().send(
+        Alert(subject=subject, signature=signature, facts={"Time": utcnow().isoformat(), **facts})
+    )
+
+
 def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None) -> None:
     """Notify about an error a background job recorded and survived."""
     current_alerts().send(
@@ -144,6 +158,40 @@ def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None
             session_uuid=session_uuid,
         )
     )
+
+
+def forget_old_notices(now: datetime) -> None:
+    """Drop deduplication records whose window has passed; the caller commits."""
+    window = timedelta(minutes=current_app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
+    db.session.execute(delete(AdminNotice).where(AdminNotice.last_sent_at < now - window))
+
+
+def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bool:
+    """Claim ``signature`` for this window in the shared table; False if another process has.
+
+    One statement decides: the row is inserted, or its time moved forward only if the last
+    notification is older than the window. If the database cannot be reached, the process's
+    own record (checked before this) is all there is, so the notification goes out.
+    """
+    signature_hash = hashlib.sha256(signature.encode()).hexdigest()
+    statement = (
+        upsert(AdminNotice)
+        .values(signature_hash=signature_hash, last_sent_at=now)
+        .on_conflict_do_update(
+            index_elements=["signature_hash"],
+            set_={"last_sent_at": now},
+            where=AdminNotice.last_sent_at <= now - window,
+        )
+        .returning(AdminNotice.signature_hash)
+    )
+    try:
+        claimed = db.session.execute(statement).first() is not None
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()
+        log.warning("admin notification deduplicated per process only: database unavailable")
+        return True
+    return claimed
 
 
 def _user_actions(session_uuid: uuid.UUID) -> str:

@@ -1,4 +1,4 @@
-"""Chat session lifecycle: issuing, validating and describing sessions, and recording consent."""
+"""Chat session lifecycle: issuing, validating, describing and locking sessions."""
 
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from app.clock import utcnow
 from app.errors import (
-    ConsentRequired,
     InvalidRequest,
     SessionNotFound,
     StorageUnavailableError,
     UuidGenerationFailed,
 )
-from app.extensions import db
+from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.models import ChatSession, RetiredSessionUUID, SessionState
-from app.services import audit, consent
+from app.services import audit
 from app.services.audit import AuditContext
+from app.services.erasure import files_lock_name
 from app.storage import StorageUnavailable, current_storage, session_objects
 
 GENERATION_ATTEMPTS = 3
@@ -132,53 +132,29 @@ def lock_live_session(session_uuid: uuid.UUID) -> None:
         raise SessionNotFound()
 
 
+def hold_session_files(session_uuid: uuid.UUID) -> None:
+    """Serialise this live session's file operations until the caller commits.
+
+    On PostgreSQL this is an advisory lock that only the session's other file operations
+    (upload, delete, consent withdrawal, erasure) wait for, so storage calls made under it
+    never hold up the session row that every other call touches. On SQLite the touch takes
+    the database-wide write lock, which serialises writers anyway. SessionNotFound if the
+    session is not live.
+    """
+    if session_uuid.version != 4:
+        raise SessionNotFound()
+    if has_advisory_locks():
+        advisory_xact_lock(files_lock_name(session_uuid))
+        if not db.session.scalar(_IS_LIVE, {"session_uuid": session_uuid}):
+            raise SessionNotFound()
+    elif not _touch(session_uuid, utcnow()):
+        raise SessionNotFound()
+
+
 def locked_session(session_uuid: uuid.UUID) -> ChatSession:
     """A live session, touched and locked until the caller commits; SessionNotFound if none."""
     lock_live_session(session_uuid)
     return _live_session(session_uuid)
-
-
-def persist(
-    raw_uuid: str,
-    *,
-    consent_user_data: bool,
-    name: str | None,
-    email: str | None,
-    context: AuditContext,
-) -> ChatSession:
-    """Record the user's consent decision and, with consent, their name and e-mail."""
-    session_uuid = parse_uuid4(raw_uuid)
-    if session_uuid is None:
-        raise InvalidRequest(details={"uuid": ["Not a UUID version 4."]})
-    if (name is not None or email is not None) and not consent_user_data:
-        raise ConsentRequired()
-    new_name = clean_name(name)
-    new_email = normalise_email(email)
-
-    chat_session = locked_session(session_uuid)
-    now = utcnow()
-    if not consent_user_data:
-        # Declining at the first ask erases nothing; taking back a given consent erases all.
-        if chat_session.consent_user_data:
-            consent.withdraw(chat_session, context, now)
-        else:
-            audit.record("consent_declined", context, session_uuid)
-        db.session.commit()
-        return chat_session
-
-    consent.grant(chat_session, context, now)
-    changed = []
-    if new_name is not None and new_name != chat_session.name:
-        chat_session.name = new_name
-        changed.append("name")
-    if new_email is not None and new_email != chat_session.email:
-        chat_session.email = new_email
-        chat_session.require_email_verification()
-        changed.append("email")
-    if changed:
-        audit.record("personal_data_updated", context, session_uuid, fields=changed)
-    db.session.commit()
-    return chat_session
 
 
 def _live_session(session_uuid: uuid.UUID) -> ChatSession:
@@ -256,6 +232,7 @@ _TOUCH = (
     .returning(_SESSIONS.c.uuid)
 )
 _IS_RETIRED = select(exists().where(_RETIRED.c.uuid == bindparam("session_uuid")))
+_IS_LIVE = select(exists().where(_SESSIONS.c.uuid == bindparam("session_uuid")))
 _UNCLAIM = delete(_SESSIONS).where(_SESSIONS.c.uuid == bindparam("session_uuid"))
 
 

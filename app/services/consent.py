@@ -2,18 +2,62 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from flask import current_app
 from sqlalchemy import insert
 
-from app.errors import StorageUnavailableError
+from app.clock import utcnow
+from app.errors import ConsentRequired, InvalidRequest, StorageUnavailableError
 from app.extensions import db
 from app.models import ChatSession, ConsentEvent
-from app.services import audit
+from app.services import audit, chat_sessions
 from app.services.audit import AuditContext
 from app.services.erasure import unlink_send_history
 from app.storage import StorageUnavailable, current_storage, session_objects
+
+
+def persist(
+    raw_uuid: str,
+    *,
+    consent_user_data: bool,
+    name: str | None,
+    email: str | None,
+    context: AuditContext,
+) -> ChatSession:
+    """Record the user's consent decision and, with consent, their name and e-mail."""
+    session_uuid = chat_sessions.parse_uuid4(raw_uuid)
+    if session_uuid is None:
+        raise InvalidRequest(details={"uuid": ["Not a UUID version 4."]})
+    if (name is not None or email is not None) and not consent_user_data:
+        raise ConsentRequired()
+    new_name = chat_sessions.clean_name(name)
+    new_email = chat_sessions.normalise_email(email)
+
+    chat_session = chat_sessions.locked_session(session_uuid)
+    if not consent_user_data:
+        # Declining at the first ask erases nothing; taking back a given consent erases all.
+        if not chat_session.consent_user_data:
+            audit.record("consent_declined", context, session_uuid)
+            db.session.commit()
+            return chat_session
+        db.session.commit()
+        return withdraw(session_uuid, context)
+
+    grant(chat_session, context, utcnow())
+    changed = []
+    if new_name is not None and new_name != chat_session.name:
+        chat_session.name = new_name
+        changed.append("name")
+    if new_email is not None and new_email != chat_session.email:
+        chat_session.email = new_email
+        chat_session.require_email_verification()
+        changed.append("email")
+    if changed:
+        audit.record("personal_data_updated", context, session_uuid, fields=changed)
+    db.session.commit()
+    return chat_session
 
 
 def grant(chat_session: ChatSession, context: AuditContext, now: datetime) -> None:
@@ -26,24 +70,30 @@ def grant(chat_session: ChatSession, context: AuditContext, now: datetime) -> No
     audit.record("consent_granted", context, chat_session.uuid)
 
 
-def withdraw(chat_session: ChatSession, context: AuditContext, now: datetime) -> None:
+def withdraw(session_uuid: uuid.UUID, context: AuditContext) -> ChatSession:
     """Erase the session's personal data and files, keeping it as an anonymous pending session.
 
-    Files go first: if storage fails, StorageUnavailableError is raised before anything in
-    the database has changed. The caller commits.
+    The files go first, under the session's file lock but not its row lock: if storage fails,
+    StorageUnavailableError is raised before anything in the database has changed. Commits.
     """
+    chat_sessions.hold_session_files(session_uuid)
     storage = current_storage()
     try:
-        keys = [stored.key for stored in session_objects(storage, chat_session.uuid)]
+        keys = [stored.key for stored in session_objects(storage, session_uuid)]
         failed = storage.delete_many(keys)
     except StorageUnavailable as exc:
+        db.session.rollback()
         raise StorageUnavailableError() from exc
     if failed:
+        db.session.rollback()
         raise StorageUnavailableError()
+    chat_session = chat_sessions.locked_session(session_uuid)
     _erase_personal_data(chat_session)
-    unlink_send_history([chat_session.uuid])
-    _remember(chat_session, granted=False, context=context, now=now)
-    audit.record("consent_withdrawn", context, chat_session.uuid, files=len(keys))
+    unlink_send_history([session_uuid])
+    _remember(chat_session, granted=False, context=context, now=utcnow())
+    audit.record("consent_withdrawn", context, session_uuid, files=len(keys))
+    db.session.commit()
+    return chat_session
 
 
 def _erase_personal_data(chat_session: ChatSession) -> None:

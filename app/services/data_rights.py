@@ -15,7 +15,7 @@ from app.extensions import db
 from app.models import AuditEvent, ChatSession, ConsentEvent, RetiredSessionUUID, RetirementReason
 from app.services import audit, chat_sessions, consent, files
 from app.services.audit import AuditContext
-from app.services.erasure import erase_sessions
+from app.services.erasure import delete_leftover_files, erase_sessions
 from app.storage import StorageUnavailable
 
 
@@ -77,31 +77,37 @@ def rectify(
 
 def set_consent(session_uuid: uuid.UUID, granted: bool, context: AuditContext) -> ChatSession:
     """Grant consent, or withdraw it and erase personal data and files."""
+    if not granted:
+        return consent.withdraw(session_uuid, context)
     chat_session = chat_sessions.locked_session(session_uuid)
-    now = utcnow()
-    if granted:
-        consent.grant(chat_session, context, now)
-    else:
-        consent.withdraw(chat_session, context, now)
+    consent.grant(chat_session, context, utcnow())
     db.session.commit()
     return chat_session
 
 
 def erase(session_uuid: uuid.UUID, context: AuditContext) -> bool:
-    """Erase the session completely and retire its UUID; False if it was already erased."""
+    """Erase the session completely and retire its UUID; False if it was already erased.
+
+    Repeating it finishes what storage could not: files left behind by an earlier attempt
+    are deleted then.
+    """
     if session_uuid.version != 4:
         raise SessionNotFound()
+    result = erase_sessions(
+        [session_uuid],
+        ChatSession.uuid == session_uuid,
+        reason=RetirementReason.DELETED,
+        context=context,
+        wait=True,
+    )
+    if result.skipped or result.files_left:
+        raise StorageUnavailableError()
+    if result.files:
+        return True
+    if not db.session.scalar(select(exists().where(RetiredSessionUUID.uuid == session_uuid))):
+        raise SessionNotFound()
     try:
-        erased = erase_sessions(
-            [session_uuid],
-            ChatSession.uuid == session_uuid,
-            reason=RetirementReason.DELETED,
-            context=context,
-        )
+        delete_leftover_files(session_uuid)
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
-    if erased:
-        return True
-    if db.session.scalar(select(exists().where(RetiredSessionUUID.uuid == session_uuid))):
-        return False
-    raise SessionNotFound()
+    return False

@@ -12,17 +12,17 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app, render_template
-from sqlalchemy import ColumnElement, func, insert, select, text
+from sqlalchemy import ColumnElement, delete, func, insert, select
 
 from app.clock import utcnow
 from app.errors import SessionNotFound
-from app.extensions import db
+from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.mail import MailUnavailable, current_mailer
 from app.messages import SESSION_RESET
 from app.models import ChatSession, EmailSend, SessionState
@@ -166,6 +166,54 @@ def verify_code(session_uuid: uuid.UUID, code: str, context: AuditContext) -> Ou
     )
 
 
+@dataclass(frozen=True)
+class _VerificationFields:
+    """The session's e-mail and verification state, as it was before a send was claimed."""
+
+    email: str | None
+    email_verified: bool
+    state: SessionState
+    completed_at: datetime | None
+    code_hash: str | None
+    code_expires_at: datetime | None
+    attempts_left: int | None
+
+    @classmethod
+    def of(cls, chat_session: ChatSession) -> _VerificationFields:
+        return cls(
+            chat_session.email,
+            chat_session.email_verified,
+            chat_session.state,
+            chat_session.completed_at,
+            chat_session.verification_code_hash,
+            chat_session.verification_code_expires_at,
+            chat_session.verification_attempts_left,
+        )
+
+    def restore(self, chat_session: ChatSession) -> None:
+        chat_session.email = self.email
+        chat_session.email_verified = self.email_verified
+        chat_session.state = self.state
+        chat_session.completed_at = self.completed_at
+        chat_session.verification_code_hash = self.code_hash
+        chat_session.verification_code_expires_at = self.code_expires_at
+        chat_session.verification_attempts_left = self.attempts_left
+
+
+@dataclass(frozen=True)
+class _ClaimedSend:
+    """A code issued and counted, committed before the message goes out."""
+
+    session_uuid: uuid.UUID
+    send_id: int
+    code: str = field(repr=False)
+    previous: _VerificationFields = field(repr=False)
+
+    @property
+    def code_hash(self) -> str:
+        return _code_hash(self.session_uuid, self.code)
+
+
 def _send_code(
     chat_session: ChatSession,
     email: str,
@@ -173,6 +221,39 @@ def _send_code(
     context: AuditContext,
     stay_on: Transition,
 ) -> Outcome:
+    """Claim a send under the session's lock, commit, then mail with no lock held.
+
+    The claim (the new code on the session and a row in ``email_sends``) is committed first,
+    so a retry that arrives while the mail server is slow finds the code live and the cooldown
+    running, and sends nothing. If the mail server refuses, the claim is undone: the session
+    gets back its previous address and code, and the send does not count against any limit.
+    """
+    claim = _claim_send(chat_session, email, now, context, stay_on)
+    if isinstance(claim, Outcome):
+        return claim
+    try:
+        current_mailer().send(_verification_message(email, claim.code))
+    except MailUnavailable:
+        _undo_claim(claim, context)
+        current_app.logger.warning("verification e-mail not sent: mail server unavailable")
+        return _failure(
+            "mail_unavailable",
+            "We could not send the e-mail just now. Please try again in a few minutes.",
+            stay_on,
+        )
+    audit.record("verification_code_sent", context, claim.session_uuid)
+    db.session.commit()
+    return _code_sent(email)
+
+
+def _claim_send(
+    chat_session: ChatSession,
+    email: str,
+    now: datetime,
+    context: AuditContext,
+    stay_on: Transition,
+) -> Outcome | _ClaimedSend:
+    """Within the locked transaction: refuse (committed), or issue a code and commit the claim."""
     session_uuid = chat_session.uuid
     address_hash = _address_hash(email)
     _serialise_sends_to(address_hash)
@@ -181,19 +262,8 @@ def _send_code(
         audit.record("verification_limit_hit", context, session_uuid, limit=refusal.error)
         db.session.commit()
         return refusal
+    previous = _VerificationFields.of(chat_session)
     code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
-    try:
-        current_mailer().send(_verification_message(email, code))
-    except MailUnavailable:
-        db.session.rollback()
-        audit.record("verification_send_failed", context, session_uuid)
-        db.session.commit()
-        current_app.logger.warning("verification e-mail not sent: mail server unavailable")
-        return _failure(
-            "mail_unavailable",
-            "We could not send the e-mail just now. Please try again in a few minutes.",
-            stay_on,
-        )
     address_changed = chat_session.email != email
     if address_changed:
         chat_session.email = email
@@ -203,12 +273,25 @@ def _send_code(
         minutes=current_app.config["EMAIL_CODE_TTL_MINUTES"]
     )
     chat_session.verification_attempts_left = current_app.config["EMAIL_CODE_MAX_ATTEMPTS"]
-    db.session.execute(
-        insert(EmailSend).values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now)
+    send_id = db.session.scalar(
+        insert(EmailSend)
+        .values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now)
+        .returning(EmailSend.id)
     )
-    audit.record("verification_code_sent", context, session_uuid, address_changed=address_changed)
+    audit.record("verification_code_issued", context, session_uuid, address_changed=address_changed)
     db.session.commit()
-    return _code_sent(email)
+    return _ClaimedSend(session_uuid, int(send_id or 0), code, previous)
+
+
+def _undo_claim(claim: _ClaimedSend, context: AuditContext) -> None:
+    """The message did not go out: the send does not count, and the previous code stands."""
+    chat_session = _locked_session(claim.session_uuid)
+    # Only if nothing replaced the claimed code meanwhile (a newer send, a withdrawal).
+    if chat_session is not None and chat_session.verification_code_hash == claim.code_hash:
+        claim.previous.restore(chat_session)
+    db.session.execute(delete(EmailSend).where(EmailSend.id == claim.send_id))
+    audit.record("verification_send_failed", context, claim.session_uuid)
+    db.session.commit()
 
 
 def _limit_refusal(
@@ -248,12 +331,11 @@ def _limit_refusal(
 def _serialise_sends_to(address_hash: str) -> None:
     """Hold a lock on this address until commit, so concurrent sessions count its sends in turn.
 
-    PostgreSQL gets a transaction-scoped advisory lock on the hash; SQLite already runs one
-    writer at a time, and the session touch before this took the write lock.
+    SQLite already runs one writer at a time, and the session touch before this took the
+    write lock.
     """
-    if db.session.get_bind().dialect.name == "postgresql":
-        key = int.from_bytes(bytes.fromhex(address_hash[:16]), "big", signed=True)
-        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    if has_advisory_locks():
+        advisory_xact_lock(f"email-address:{address_hash}")
 
 
 def _count_sends(condition: ColumnElement[bool], since: datetime) -> int:

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, select, update
 
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.models import ChatSession, ConsentEvent, EmailSend, RetiredSessionUUID, RetirementReason
-from app.services import audit
-from app.services.audit import AuditContext
+from app.services import admin_alerts, audit
+from app.services.audit import SYSTEM, AuditContext
 from app.storage import StorageUnavailable, current_storage, session_objects
 
+log = logging.getLogger(__name__)
+
 _SESSIONS = cast(Table, ChatSession.__table__)
+
+
+def files_lock_name(session_uuid: uuid.UUID) -> str:
+    """The advisory lock that serialises one session's file operations."""
+    return f"session-files:{session_uuid}"
+
+
+@dataclass
+class Erasure:
+    """What one erasure did: files deleted per erased session, and what it could not do."""
+
+    files: dict[uuid.UUID, int] = field(default_factory=dict)
+    # Sessions left alone this time (their files could not be listed), with the reason.
+    skipped: dict[uuid.UUID, str] = field(default_factory=dict)
+    # Erased sessions whose files are still in storage; the orphan sweep removes them later.
+    files_left: dict[uuid.UUID, str] = field(default_factory=dict)
 
 
 def erase_sessions(
@@ -23,34 +43,123 @@ def erase_sessions(
     *,
     reason: RetirementReason,
     context: AuditContext,
-) -> dict[uuid.UUID, int]:
-    """Erase those of ``session_uuids`` that still match ``still_eligible``; commit.
+    wait: bool,
+) -> Erasure:
+    """Erase those of ``session_uuids`` that still match ``still_eligible``.
 
-    The rows are deleted first, which locks them, so a request touching one of these
-    sessions waits and then finds it gone. Then the files go, then the transaction
-    commits, removing the consent history and adding tombstones and audit rows. If
-    storage fails the transaction is rolled back (nothing in the database changes) and
-    StorageUnavailable is raised, so a retry finishes the job. Returns the number of
-    files erased per erased session.
+    No row lock is held while storage is called. Each session's file lock is taken first
+    (``wait`` for it, or skip a session whose files are busy: a background job leaves an
+    active session alone), then its files are listed. One transaction then deletes the rows
+    that are still eligible, the consent history and the link to send records, and writes
+    the tombstones and audit rows. Only after that commit are the files deleted: a file that
+    cannot be deleted now belongs to no session, so the orphan sweep deletes it later. A
+    session whose files cannot even be listed is left untouched, for a later attempt.
     """
-    if not session_uuids:
-        return {}
-    erased = list(
-        db.session.scalars(
-            delete(_SESSIONS)
-            .where(_SESSIONS.c.uuid.in_(bindparam("uuids", expanding=True)), still_eligible)
-            .returning(_SESSIONS.c.uuid),
-            {"uuids": session_uuids},
+    result = Erasure()
+    keys: dict[uuid.UUID, list[str]] = {}
+    storage = current_storage()
+    for session_uuid in _hold_files(sorted(session_uuids), wait=wait):
+        try:
+            keys[session_uuid] = [o.key for o in session_objects(storage, session_uuid)]
+        except StorageUnavailable as exc:
+            result.skipped[session_uuid] = f"files could not be listed ({exc.reason})"
+    erased = _delete_rows(list(keys), still_eligible, reason, keys, context)
+    if not erased:
+        return result
+    result.files = {session_uuid: len(keys[session_uuid]) for session_uuid in erased}
+    result.files_left = _delete_files({session_uuid: keys[session_uuid] for session_uuid in erased})
+    return result
+
+
+@dataclass
+class ErasureTotals:
+    """What erasing every eligible session did, and each session it could not finish."""
+
+    sessions: int = 0
+    files: int = 0
+    problems: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
+def erase_all(
+    eligible: ColumnElement[bool], *, reason: RetirementReason, batch_size: int
+) -> ErasureTotals:
+    """Erase every session matching ``eligible``, a batch at a time (background jobs).
+
+    A session that cannot be finished (files busy, unlistable or undeletable) is recorded in
+    ``problems`` and never holds up the others; it is tried again on the next run, or its
+    leftover files are removed by the orphan sweep. A batch that erases nothing ends the run:
+    storage is then most likely down, and the next run starts over.
+    """
+    totals = ErasureTotals()
+    attempted: set[uuid.UUID] = set()
+    while True:
+        query = select(ChatSession.uuid).where(eligible).order_by(ChatSession.last_seen_at)
+        if attempted:
+            query = query.where(ChatSession.uuid.not_in(attempted))
+        batch = list(db.session.scalars(query.limit(batch_size)))
+        if not batch:
+            return totals
+        attempted.update(batch)
+        result = erase_sessions(batch, eligible, reason=reason, context=SYSTEM, wait=False)
+        totals.sessions += len(result.files)
+        totals.files += sum(
+            count for erased, count in result.files.items() if erased not in result.files_left
         )
+        totals.problems.update(result.skipped)
+        totals.problems.update(result.files_left)
+        if not result.files or len(batch) < batch_size:
+            return totals
+
+
+def report_problems(job: str, event_type: str, problems: dict[uuid.UUID, str]) -> None:
+    """Audit each session a job could not finish, and tell the admin once per run."""
+    if not problems:
+        return
+    audit.record_many(
+        event_type,
+        SYSTEM,
+        [(session_uuid, {"error": problem}) for session_uuid, problem in problems.items()],
+    )
+    db.session.commit()
+    log.error("%s: %d session(s) not finished", job, len(problems))
+    first = next(iter(problems.values()))
+    admin_alerts.report_job_error(job, f"{len(problems)} session(s) not finished, e.g. {first}")
+
+
+def _hold_files(session_uuids: list[uuid.UUID], *, wait: bool) -> list[uuid.UUID]:
+    """The sessions whose file locks this transaction now holds, in the order given."""
+    if not has_advisory_locks():
+        return session_uuids
+    return [
+        session_uuid
+        for session_uuid in session_uuids
+        if advisory_xact_lock(files_lock_name(session_uuid), wait=wait)
+    ]
+
+
+def _delete_rows(
+    session_uuids: list[uuid.UUID],
+    still_eligible: ColumnElement[bool],
+    reason: RetirementReason,
+    keys: dict[uuid.UUID, list[str]],
+    context: AuditContext,
+) -> list[uuid.UUID]:
+    """Delete the still-eligible rows and everything tied to them; commit; the erased UUIDs."""
+    erased = (
+        list(
+            db.session.scalars(
+                delete(_SESSIONS)
+                .where(_SESSIONS.c.uuid.in_(bindparam("uuids", expanding=True)), still_eligible)
+                .returning(_SESSIONS.c.uuid),
+                {"uuids": session_uuids},
+            )
+        )
+        if session_uuids
+        else []
     )
     if not erased:
         db.session.rollback()
-        return {}
-    try:
-        files = _delete_files(erased)
-    except StorageUnavailable:
-        db.session.rollback()
-        raise
+        return []
     db.session.execute(
         delete(ConsentEvent).where(
             ConsentEvent.session_uuid.in_(bindparam("uuids", expanding=True))
@@ -67,12 +176,35 @@ def erase_sessions(
         "session_erased",
         context,
         [
-            (erased_uuid, {"reason": reason.value, "files": files[erased_uuid]})
+            (erased_uuid, {"reason": reason.value, "files": len(keys[erased_uuid])})
             for erased_uuid in erased
         ],
     )
     db.session.commit()
-    return files
+    return erased
+
+
+def delete_leftover_files(session_uuid: uuid.UUID) -> int:
+    """Delete whatever is still stored for an ended session; raises StorageUnavailable."""
+    keys = [o.key for o in session_objects(current_storage(), session_uuid)]
+    left = _delete_files({session_uuid: keys})
+    if left:
+        raise StorageUnavailable(left[session_uuid], reason="failed")
+    return len(keys)
+
+
+def _delete_files(keys: dict[uuid.UUID, list[str]]) -> dict[uuid.UUID, str]:
+    """Delete every listed file; the sessions some of whose files are still stored, and why."""
+    by_key = {
+        key: session_uuid for session_uuid, session_keys in keys.items() for key in session_keys
+    }
+    if not by_key:
+        return {}
+    try:
+        failed = current_storage().delete_many(list(by_key))
+    except StorageUnavailable as exc:
+        return dict.fromkeys(keys, f"storage unavailable ({exc.reason})")
+    return {by_key[key]: f"could not delete a file ({problem})" for key, problem in failed.items()}
 
 
 def unlink_send_history(session_uuids: list[uuid.UUID]) -> None:
@@ -87,15 +219,3 @@ def unlink_send_history(session_uuids: list[uuid.UUID]) -> None:
         .values(session_uuid=None),
         {"uuids": session_uuids},
     )
-
-
-def _delete_files(session_uuids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-    storage = current_storage()
-    keys = {
-        session_uuid: [o.key for o in session_objects(storage, session_uuid)]
-        for session_uuid in session_uuids
-    }
-    failed = storage.delete_many([key for session_keys in keys.values() for key in session_keys])
-    if failed:
-        raise StorageUnavailable(f"{len(failed)} file(s) could not be deleted")
-    return {session_uuid: len(session_keys) for session_uuid, session_keys in keys.items()}

@@ -58,7 +58,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
     if session_uuid is None:
         rejected("session_not_found", SessionNotFound())
     try:
-        chat_sessions.lock_live_session(session_uuid)
+        chat_sessions.hold_session_files(session_uuid)
     except SessionNotFound as exc:
         rejected("session_not_found", exc)
 
@@ -83,6 +83,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         url = _download_url(storage, key, name)
     except StorageUnavailable as exc:
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
+    chat_sessions.lock_live_session(session_uuid)
     audit.record(
         "file_uploaded",
         context,
@@ -105,7 +106,7 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     session_uuid = chat_sessions.parse_uuid4(raw_uuid)
     if session_uuid is None:
         raise SessionNotFound()
-    chat_sessions.lock_live_session(session_uuid)
+    chat_sessions.hold_session_files(session_uuid)
     name = safe_filename(filename)
     if name is None:
         raise FileNotFound()
@@ -121,6 +122,7 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     if failed:
         db.session.rollback()
         raise StorageUnavailableError()
+    chat_sessions.lock_live_session(session_uuid)
     audit.record("file_deleted", context, session_uuid, file_ref=file_ref(name))
     db.session.commit()
 

@@ -10,7 +10,6 @@ last one started less than an interval ago stands down.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,10 +17,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import db, has_advisory_locks, lock_key, upsert
 from app.models import JobRun
 
 # Longest a SQLite lease may outlive a killed run; far above any real run time.
@@ -84,17 +82,15 @@ def _is_due(job_name: str, now: datetime, interval: timedelta) -> bool:
 
 
 def _ensure_row(job_name: str) -> None:
-    dialect = db.session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     db.session.execute(
-        insert(JobRun).values(job_name=job_name).on_conflict_do_nothing(index_elements=["job_name"])
+        upsert(JobRun).values(job_name=job_name).on_conflict_do_nothing(index_elements=["job_name"])
     )
     db.session.commit()
 
 
 @contextmanager
 def _lock(job_name: str, now: datetime) -> Iterator[bool]:
-    if db.session.get_bind().dialect.name == "postgresql":
+    if has_advisory_locks():
         with db.engine.connect() as connection:
             yield from _advisory_lock(connection, job_name)
     else:
@@ -102,7 +98,7 @@ def _lock(job_name: str, now: datetime) -> Iterator[bool]:
 
 
 def _advisory_lock(connection: Connection, job_name: str) -> Iterator[bool]:
-    key = int.from_bytes(hashlib.sha256(job_name.encode()).digest()[:8], "big", signed=True)
+    key = lock_key(job_name)
     locked = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
     connection.commit()
     try:

@@ -90,11 +90,9 @@ def sweep_orphans(
         report.errors += 1
         _record_error(None, (), exc)
     report.duration_seconds = round(time.perf_counter() - started, 3)
-    summary = report.as_dict()
     if not dry_run:
-        audit.record("orphan_sweep_completed", SYSTEM, **summary)
+        audit.record("orphan_sweep_completed", SYSTEM, **report.as_dict())
         db.session.commit()
-    log.info("orphan sweep finished", extra={"summary": summary})
     return report
 
 

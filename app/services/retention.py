@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -14,10 +13,7 @@ from app.extensions import db
 from app.models import AuditEvent, ChatSession, RetirementReason, SessionState
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
-from app.services.erasure import erase_sessions
-from app.storage import StorageUnavailable
-
-log = logging.getLogger(__name__)
+from app.services.erasure import erase_all, report_problems
 
 JOB_NAME = "retention"
 BATCH = 200
@@ -56,31 +52,19 @@ def apply_retention(
         _erase_expired(expired, report)
         result = db.session.execute(delete(AuditEvent).where(old_audit))
         report.audit_rows_deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        admin_alerts.forget_old_notices(now)
         audit.record("retention_completed", SYSTEM, **report.as_dict())
         db.session.commit()
     report.duration_seconds = round(time.perf_counter() - started, 3)
-    log.info("retention finished", extra={"summary": report.as_dict()})
     return report
 
 
 def _erase_expired(expired: ColumnElement[bool], report: RetentionReport) -> None:
-    while True:
-        batch = list(db.session.scalars(select(ChatSession.uuid).where(expired).limit(BATCH)))
-        if not batch:
-            return
-        try:
-            erased = erase_sessions(batch, expired, reason=RetirementReason.EXPIRED, context=SYSTEM)
-        except StorageUnavailable as exc:
-            report.errors += 1
-            log.error("retention stopped: storage unavailable", extra={"error": str(exc)})
-            audit.record("retention_error", SYSTEM, error=str(exc)[:500], sessions=len(batch))
-            db.session.commit()
-            admin_alerts.report_job_error(JOB_NAME, str(exc)[:500])
-            return
-        report.sessions_erased += len(erased)
-        report.files_deleted += sum(erased.values())
-        if len(batch) < BATCH:
-            return
+    totals = erase_all(expired, reason=RetirementReason.EXPIRED, batch_size=BATCH)
+    report.sessions_erased = totals.sessions
+    report.files_deleted = totals.files
+    report_problems(JOB_NAME, "retention_error", totals.problems)
+    report.errors = len(totals.problems)
 
 
 def _count(query: Any) -> int:

@@ -19,7 +19,15 @@ BATCH_SIZE = 1000
 
 
 class StorageUnavailable(Exception):
-    """The storage backend could not be reached or refused the operation."""
+    """The storage backend could not be reached or refused the operation.
+
+    ``reason`` says which, in a word an operator can act on: ``unreachable``,
+    ``missing_bucket``, ``access_denied`` or ``failed`` (anything else).
+    """
+
+    def __init__(self, message: str, *, reason: str = "failed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,11 @@ class Storage(Protocol):
         ...
 
     def check(self) -> None:
-        """Raise StorageUnavailable unless the backend answers."""
+        """Raise StorageUnavailable unless the backend answers and the bucket is usable."""
+        ...
+
+    def create(self) -> bool:
+        """Create the bucket or directory unless it exists; True if it was created."""
         ...
 
 

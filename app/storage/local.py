@@ -136,8 +136,17 @@ class LocalStorage:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
                 pass
+        except PermissionError as exc:
+            raise StorageUnavailable(
+                f"storage root unusable: {_reason(exc)}", reason="access_denied"
+            ) from None
         except OSError as exc:
             raise StorageUnavailable(f"storage root unusable: {_reason(exc)}") from None
+
+    def create(self) -> bool:
+        existed = self.root.is_dir()
+        self.check()
+        return not existed
 
 
 def _reason(exc: OSError) -> str:

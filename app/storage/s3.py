@@ -33,7 +33,7 @@ class S3Storage:
             config=BotoConfig(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"mode": "standard", "max_attempts": max_attempts},
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
                 signature_version="s3v4",
             ),
         )
@@ -50,7 +50,9 @@ class S3Storage:
                     for item in page.get("Contents", [])
                 ]
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"listing failed: {_reason(exc)}") from None
+            raise StorageUnavailable(
+                f"listing failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
 
     def put(self, key: str, body: BinaryIO, content_type: str) -> None:
         try:
@@ -58,7 +60,9 @@ class S3Storage:
                 Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
             )
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"storing failed: {_reason(exc)}") from None
+            raise StorageUnavailable(
+                f"storing failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -71,7 +75,7 @@ class S3Storage:
                 )
             except (BotoCoreError, ClientError) as exc:
                 raise StorageUnavailable(
-                    f"deleting {len(chunk)} keys failed: {_reason(exc)}"
+                    f"deleting {len(chunk)} keys failed: {_reason(exc)}", reason=_classify(exc)
                 ) from None
             for error in response.get("Errors", []):
                 failed[error["Key"]] = str(error.get("Code"))
@@ -93,7 +97,30 @@ class S3Storage:
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"bucket unreachable: {_reason(exc)}") from None
+            raise StorageUnavailable(
+                f"bucket check failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+
+    def create(self) -> bool:
+        try:
+            self.check()
+            return False
+        except StorageUnavailable as exc:
+            if exc.reason != "missing_bucket":
+                raise
+        region = self._client.meta.region_name
+        # us-east-1 is S3's default location and the one region that refuses to be named.
+        location = {} if region in (None, "us-east-1") else {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(
+                Bucket=self.bucket,
+                **({"CreateBucketConfiguration": location} if location else {}),
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(
+                f"creating the bucket failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+        return True
 
 
 def _reason(exc: Exception) -> str:
@@ -102,5 +129,21 @@ def _reason(exc: Exception) -> str:
     The original exception is dropped from the chain for the same reason: tracebacks are logged.
     """
     if isinstance(exc, ClientError):
-        return f"{exc.response.get('Error', {}).get('Code', 'error')} from S3"
+        return f"{_error_code(exc)} from S3"
     return type(exc).__name__
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "error"))
+
+
+def _classify(exc: Exception) -> str:
+    """The StorageUnavailable reason for a botocore error."""
+    if not isinstance(exc, ClientError):
+        return "unreachable"
+    code = _error_code(exc)
+    if code in ("404", "NoSuchBucket"):
+        return "missing_bucket"
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return "access_denied"
+    return "failed"
