@@ -114,13 +114,18 @@ class Config:
 
         origins = env.list("CORS_ORIGINS", ["http://localhost:3000", "http://127.0.0.1:3000"])
         self.CORS_ORIGINS = [origin.strip() for origin in origins or [] if origin.strip()]
+        # docs/decisions.md, "Rate limits", explains these defaults.
         self.SESSION_RATE_LIMIT = text("SESSION_RATE_LIMIT", "10/minute", validate=_rate_limit)
+        self.RESUME_RATE_LIMIT = text("RESUME_RATE_LIMIT", "60/minute", validate=_rate_limit)
+        self.RESUME_IP_RATE_LIMIT = text("RESUME_IP_RATE_LIMIT", "600/minute", validate=_rate_limit)
         self.SESSION_RESOURCE_RATE_LIMIT = text(
             "SESSION_RESOURCE_RATE_LIMIT", "60/minute", validate=_rate_limit
         )
         self.RATELIMIT_STORAGE_URI = text("RATELIMIT_STORAGE_URI", "memory://")
         self.RATELIMIT_KEY_PREFIX = text("RATELIMIT_KEY_PREFIX", "session-api")
-        self.RATELIMIT_HEADERS_ENABLED = True
+        # Retry-After goes only on 429 and 503 (the app sets it); X-RateLimit-* headers would
+        # cost a counter read on every request for a client that never reads them.
+        self.RATELIMIT_HEADERS_ENABLED = False
         self.TRUSTED_PROXY_COUNT = integer("TRUSTED_PROXY_COUNT", 0, validate=NOT_NEGATIVE)
 
         self.MAX_JSON_BODY_KB = integer("MAX_JSON_BODY_KB", 64, validate=AT_LEAST_ONE)

@@ -15,7 +15,7 @@ from app.routes.email_verification import email_verification_bp
 from app.routes.files import files_bp
 from app.routes.health import health_bp
 from app.routes.sessions import sessions_bp
-from app.services import admin_alerts, security_monitor
+from app.services import admin_alerts
 from config import Config
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "migrations")
@@ -43,7 +43,6 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
 
 def _init_extensions(app: Flask) -> None:
     db.init_app(app)
-    app.config["RATELIMIT_ON_BREACH_CALLBACK"] = security_monitor.on_rate_limit_breach
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, compare_type=True)
     limiter.init_app(app)
     cors.init_app(

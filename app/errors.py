@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify
+from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from app.extensions import db, limiter
 from app.messages import GENERAL_ERROR
 from app.middleware import current_correlation_id
-from app.services import admin_alerts
+from app.services import admin_alerts, security_monitor
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,19 @@ class SessionBusy(DomainError):
     retry_after = 1
 
 
+class RateLimited(DomainError):
+    """The client used up a rate limit; ``retry_after`` is when its window resets."""
+
+    status_code = 429
+    error = "rate_limited"
+    message = "Too many requests. Please wait before trying again."
+
+    def __init__(self, *, limit: str, retry_after: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class UuidGenerationFailed(DomainError):
     """Every attempt to issue a fresh UUID collided."""
 
@@ -154,9 +171,10 @@ def error_response(
     }
     if details:
         body["details"] = details
-    # The e-mail verification screens tell the frontend where to go even on errors.
+    # The e-mail verification screens show `error` to the user word for word: there it is the
+    # sentence, the machine code moves to `code`, and the screen to go to comes along.
     if "error_transition" in g:
-        body["nextTransition"] = g.error_transition
+        body.update(error=message, code=error, nextTransition=g.error_transition)
     response = jsonify(body)
     response.status_code = status_code
     return response
@@ -185,6 +203,24 @@ def handle_domain_error(exc: DomainError) -> Response:
     if exc.status_code == 503:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
+
+
+def handle_rate_limited(exc: RateLimited) -> Response:
+    # Whatever the request had begun is abandoned; the refusal itself is recorded.
+    db.session.rollback()
+    security_monitor.on_rate_limited(exc.limit)
+    response = error_response(429, exc.error, exc.message)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def handle_limiter_refusal(exc: RateLimitExceeded) -> Response:
+    """flask-limiter's 429, answered like the app's own, with the limit's real reset."""
+    current = limiter.current_limit
+    reset_at = current.reset_at if current is not None else time.time() + 1
+    return handle_rate_limited(
+        RateLimited(limit=str(exc.limit.limit), retry_after=seconds_until(reset_at))
+    )
 
 
 def handle_http_exception(exc: HTTPException) -> Response:
@@ -219,6 +255,11 @@ def _is_lock_wait(exc: OperationalError) -> bool:
     return getattr(exc.orig, "pgcode", None) == "55P03" or "database is locked" in str(exc.orig)
 
 
+def seconds_until(reset_at: float) -> int:
+    """A Retry-After value: whole seconds until ``reset_at``, at least one."""
+    return max(1, math.ceil(reset_at - time.time()))
+
+
 def handle_unexpected(exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
     admin_alerts.report_exception(exc, status=500)
@@ -227,6 +268,8 @@ def handle_unexpected(exc: Exception) -> Response:
 
 def register_error_handlers(app: Flask) -> None:
     """Map domain errors, HTTP errors and anything unexpected to JSON."""
+    app.register_error_handler(RateLimited, handle_rate_limited)
+    app.register_error_handler(RateLimitExceeded, handle_limiter_refusal)
     app.register_error_handler(DomainError, handle_domain_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(OperationalError, handle_database_unavailable)

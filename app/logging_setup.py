@@ -79,6 +79,8 @@ def configure_logging(level: str) -> None:
         root.addHandler(recent_problems)
     # The development server logs raw paths, which carry session UUIDs; our access log replaces it.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # flask-limiter names the client address of every refusal; refusals are audited instead.
+    logging.getLogger("flask-limiter").setLevel(max(root.level, logging.WARNING))
     # The scheduler's own set-up chatter names no job; the executor's lines, which do, stay.
     logging.getLogger("apscheduler.scheduler").setLevel(max(root.level, logging.WARNING))
 

@@ -31,7 +31,16 @@ class ErrorSchema(ma.Schema):
     """The error body every non-2xx response carries."""
 
     status = fields.String(required=True, metadata={"example": "error"})
-    error = fields.String(required=True, metadata={"description": "Stable machine code"})
+    error = fields.String(
+        required=True,
+        metadata={
+            "description": "Stable machine code; on the e-mail verification endpoints, a "
+            "sentence for the user (the code is then in `code`)"
+        },
+    )
+    code = fields.String(
+        metadata={"description": "On the e-mail verification endpoints: the stable machine code"}
+    )
     message = fields.String(required=True)
     correlation_id = fields.String(required=True)
     details = fields.Dict(
@@ -210,7 +219,18 @@ class VerificationOutcomeSchema(ma.Schema):
 
     status = fields.String(required=True, validate=validate.OneOf(["success", "error"]))
     message = fields.String(required=True)
-    error = fields.String(metadata={"description": "Present when status is error"})
+    error = fields.String(
+        metadata={
+            "description": "When status is error: a sentence for the user, shown as it is",
+            "example": "That code is not right. 2 attempt(s) left.",
+        }
+    )
+    code = fields.String(
+        metadata={
+            "description": "When status is error: the stable machine code",
+            "example": "invalid_code",
+        }
+    )
     nextTransition = fields.String(
         required=True,
         validate=validate.OneOf(["EMAIL_INPUT", "CODE_INPUT", "SESSION_RESET", "CHAT_READY"]),

@@ -127,6 +127,8 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
         "DATABASE_URL": database_url,
         # Generous by default so only the rate-limit tests meet the limit.
         "SESSION_RATE_LIMIT": "1000/minute",
+        "RESUME_RATE_LIMIT": "1000/minute",
+        "RESUME_IP_RATE_LIMIT": "1000/minute",
         "SESSION_RESOURCE_RATE_LIMIT": "1000/minute",
         "UPLOAD_RATE_LIMIT": "1000/minute",
         "EMAIL_RATE_LIMIT": "1000/minute",

@@ -197,7 +197,7 @@ def test_concurrent_sends_to_one_address_respect_its_daily_cap(postgres_url: str
                 json={"email": "victim@example.org"},
                 headers={**JSON_HEADERS, "X-Session-ID": session_uuid},
             )
-            outcomes.append(response.get_json().get("error") or "sent")
+            outcomes.append(response.get_json().get("code") or "sent")
 
         threads = [threading.Thread(target=ask, args=(s,)) for s in sessions]
         for thread in threads:

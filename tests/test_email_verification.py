@@ -68,9 +68,16 @@ def call(client: FlaskClient, step: str, session_uuid: str | None, body: dict[st
 
 
 def outcome(response) -> tuple[str, str | None, str]:
+    """Status, machine code and next screen; an error's `error` is the sentence for the user."""
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
-    return body["status"], body.get("error"), body["nextTransition"]
+    if body["status"] == "error":
+        assert body["error"] == body["message"]
+        assert " " in body["error"], "the user reads this: a sentence, not a code"
+    else:
+        assert "code" not in body
+        assert "error" not in body
+    return body["status"], body.get("code"), body["nextTransition"]
 
 
 def rewind_sends(app: Flask, session_uuid: str, seconds: int) -> None:
@@ -287,11 +294,12 @@ def test_a_missing_or_malformed_header_is_a_400(client: FlaskClient, header: str
 
     assert response.status_code == 400
     body = response.get_json()
-    assert (body["status"], body["error"], body["nextTransition"]) == (
+    assert (body["status"], body["code"], body["nextTransition"]) == (
         "error",
         "invalid_request",
         "SESSION_RESET",
     )
+    assert body["error"] == body["message"] == "The request is malformed."
     assert "X-Session-ID" in body["details"]
 
 

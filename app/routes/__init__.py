@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flask_smorest
 import marshmallow as ma
-from flask import Request, current_app, request
+from flask import Request
 from webargs.flaskparser import FlaskParser
 from werkzeug.datastructures import CombinedMultiDict
-
-from app.extensions import limiter
 
 
 class _ContractParser(FlaskParser):
@@ -44,12 +41,3 @@ class ApiBlueprint(flask_smorest.Blueprint):
         **flask_smorest.Blueprint.DEFAULT_LOCATION_CONTENT_TYPE_MAPPING,
         "multipart": "multipart/form-data",
     }
-
-
-def rate_limited(config_key: str) -> Callable[[Callable[..., Any]], Any]:
-    """Limit a route per client IP by the limit string in ``app.config[config_key]``."""
-    return limiter.limit(
-        lambda: str(current_app.config[config_key]),
-        # CORS preflights carry no work and must never eat into the caller's budget.
-        exempt_when=lambda: request.method == "OPTIONS",
-    )

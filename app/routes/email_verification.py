@@ -9,7 +9,8 @@ from flask import g, request
 
 from app.errors import InvalidRequest
 from app.middleware import request_audit_context
-from app.routes import ApiBlueprint, rate_limited
+from app.rate_limits import limited_per_ip
+from app.routes import ApiBlueprint
 from app.schemas import (
     ResendCodeRequestSchema,
     VerificationOutcomeSchema,
@@ -25,7 +26,9 @@ email_verification_bp = ApiBlueprint(
     __name__,
     url_prefix="/api/v1/email-verification",
     description="Verify the session's e-mail address with a 6-digit code. Business outcomes "
-    "answer 200 with `status` and `nextTransition`; only malformed requests answer 400.",
+    "answer 200 with `status` and `nextTransition`; only malformed requests answer 400. On these "
+    "endpoints `error` is a sentence for the user (the frontend shows it as it is) and the "
+    "stable machine code is in `code`.",
 )
 
 SESSION_HEADER = "X-Session-ID"
@@ -59,12 +62,14 @@ def _answer(outcome: Outcome) -> dict[str, Any]:
         "nextTransition": outcome.next_transition.value,
     }
     if outcome.error is not None:
-        body["error"] = outcome.error
+        # The screens show `error` word for word: the sentence goes there, the code beside it.
+        body["error"] = outcome.message
+        body["code"] = outcome.error
     return body
 
 
 @email_verification_bp.route("/verify-email", methods=["POST"])
-@rate_limited("EMAIL_RATE_LIMIT")
+@limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(VerifyEmailRequestSchema)
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -77,7 +82,7 @@ def verify_email(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @email_verification_bp.route("/verify-code", methods=["POST"])
-@rate_limited("EMAIL_RATE_LIMIT")
+@limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(VerifyCodeRequestSchema)
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -90,7 +95,7 @@ def verify_code(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @email_verification_bp.route("/resend-code", methods=["POST"])
-@rate_limited("EMAIL_RATE_LIMIT")
+@limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(ResendCodeRequestSchema)
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")

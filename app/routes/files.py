@@ -11,7 +11,8 @@ from flask import Response, current_app, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.middleware import request_audit_context
-from app.routes import ApiBlueprint, rate_limited
+from app.rate_limits import limited_per_ip
+from app.routes import ApiBlueprint
 from app.schemas import (
     DeleteFileRequestSchema,
     MessageSchema,
@@ -45,7 +46,7 @@ def bounded_upload(view: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @files_bp.route("/upload", methods=["POST"])
-@rate_limited("UPLOAD_RATE_LIMIT")
+@limited_per_ip("UPLOAD_RATE_LIMIT")
 @bounded_upload
 @files_bp.arguments(UploadSchema, location="multipart")
 @files_bp.response(200, UploadedFileSchema)
@@ -74,7 +75,7 @@ def upload(form: dict[str, Any]) -> dict[str, Any]:
 
 
 @files_bp.route("/delete", methods=["DELETE"])
-@rate_limited("UPLOAD_RATE_LIMIT")
+@limited_per_ip("UPLOAD_RATE_LIMIT")
 @files_bp.arguments(DeleteFileRequestSchema)
 @files_bp.response(200, MessageSchema)
 @files_bp.alt_response(404, response="NOT_FOUND")
@@ -87,7 +88,7 @@ def delete(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @files_bp.route("/session/<uuid:session_uuid>/files", methods=["GET"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @files_bp.response(200, SessionFilesSchema)
 @files_bp.alt_response(404, response="NOT_FOUND")
 @files_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -112,7 +113,7 @@ def list_files(session_uuid: uuid.UUID) -> dict[str, Any]:
 
 
 @files_bp.route("/files/<token>", methods=["GET"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @files_bp.response(200, content_type="application/pdf", description="The file, as an attachment")
 @files_bp.alt_response(404, response="NOT_FOUND")
 def download(token: str) -> Response:

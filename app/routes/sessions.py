@@ -8,7 +8,8 @@ from typing import Any
 from app.messages import SESSION_RESET
 from app.middleware import request_audit_context
 from app.privacy import mask_email
-from app.routes import ApiBlueprint, rate_limited
+from app.rate_limits import limited_as_resume, limited_per_ip, new_session_budget
+from app.routes import ApiBlueprint
 from app.schemas import (
     ConsentRequestSchema,
     MessageSchema,
@@ -23,6 +24,7 @@ from app.schemas import (
 )
 from app.services import chat_sessions, consent, data_rights
 from app.services.chat_sessions import SessionOverview, Verdict
+from app.services.consent import ConsentChange, ConsentDecision
 
 sessions_bp = ApiBlueprint(
     "sessions",
@@ -31,6 +33,10 @@ sessions_bp = ApiBlueprint(
     description="Anonymous chat sessions, keyed by a UUID v4 the frontend keeps.",
 )
 
+CONSENT_MESSAGES = {
+    ConsentChange.RECORDED: "Consent recorded.",
+    ConsentChange.DECLINED: "Consent declined.",
+}
 VERDICT_MESSAGES = {
     (Verdict.SUCCESS, False): "Session validated.",
     (Verdict.SUCCESS, True): "New session registered.",
@@ -40,27 +46,32 @@ VERDICT_MESSAGES = {
 
 
 @sessions_bp.route("/generate-uuid", methods=["POST"])
-@rate_limited("SESSION_RATE_LIMIT")
 @sessions_bp.response(200, UuidIssuedSchema)
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 @sessions_bp.alt_response(500, response="INTERNAL_SERVER_ERROR")
 def generate_uuid() -> dict[str, Any]:
-    """Issue a fresh session UUID, registered as a pending session."""
-    session_uuid = chat_sessions.generate(request_audit_context())
+    """Issue a fresh session UUID, registered as a pending session.
+
+    Spends one of the client's new sessions (`SESSION_RATE_LIMIT`, shared with validate-uuid
+    registrations and replacements).
+    """
+    session_uuid = chat_sessions.generate(request_audit_context(), new_session_budget())
     return {"status": "success", "uuid": session_uuid, "message": "Session created."}
 
 
 @sessions_bp.route("/validate-uuid", methods=["POST"])
-@rate_limited("SESSION_RATE_LIMIT")
+@limited_as_resume
 @sessions_bp.arguments(ValidateUuidRequestSchema)
 @sessions_bp.response(200, ValidateUuidResponseSchema)
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
     """Judge a UUID: resume or register it (success), replace it (collision) or reject it (invalid).
 
-    Every verdict answers 200; the frontend reads it from ``status``.
+    Every verdict answers 200; the frontend reads it from ``status``. Limited per session named
+    (`RESUME_RATE_LIMIT`) and per client (`RESUME_IP_RATE_LIMIT`); registering or replacing
+    spends a new session (`SESSION_RATE_LIMIT`).
     """
-    result = chat_sessions.validate(body["uuid"], request_audit_context())
+    result = chat_sessions.validate(body["uuid"], request_audit_context(), new_session_budget())
     return {
         "status": result.verdict.value,
         "uuid": result.session_uuid,
@@ -69,30 +80,41 @@ def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @sessions_bp.route("/persist_session", methods=["POST"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.arguments(PersistSessionRequestSchema)
 @sessions_bp.response(200, PersistSessionResponseSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def persist_session(body: dict[str, Any]) -> dict[str, Any]:
     """Record consent to store personal data, optionally with name and e-mail."""
-    chat_session = consent.persist(
+    decision = consent.persist(
         body["uuid"] if body.get("uuid") is not None else body["session_uuid"],
         consent_user_data=body["consent_user_data"],
         name=body.get("name"),
         email=body.get("email"),
         context=request_audit_context(),
     )
+    return _consent_answer(decision)
+
+
+def _consent_answer(decision: ConsentDecision) -> dict[str, Any]:
+    if decision.change is ConsentChange.WITHDRAWN:
+        message = (
+            "Consent withdrawn: your name, e-mail address and "
+            f"{decision.files_erased} uploaded file(s) were erased."
+        )
+    else:
+        message = CONSENT_MESSAGES[decision.change]
     return {
         "status": "success",
-        "uuid": chat_session.uuid,
-        "message": "Consent recorded." if chat_session.consent_user_data else "Consent declined.",
-        "consent_user_data": chat_session.consent_user_data,
+        "uuid": decision.chat_session.uuid,
+        "message": message,
+        "consent_user_data": decision.chat_session.consent_user_data,
     }
 
 
 @sessions_bp.route("/session/<uuid:session_uuid>", methods=["GET"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.response(200, SessionStateSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -120,7 +142,7 @@ def _overview(overview: SessionOverview, message: str) -> dict[str, Any]:
 
 
 @sessions_bp.route("/session/<uuid:session_uuid>/export", methods=["GET"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.response(200, SessionExportSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -142,7 +164,7 @@ def export_session(session_uuid: uuid.UUID) -> tuple[dict[str, Any], int, dict[s
 
 
 @sessions_bp.route("/session/<uuid:session_uuid>", methods=["PATCH"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.arguments(RectifyRequestSchema)
 @sessions_bp.response(200, SessionStateSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
@@ -154,7 +176,7 @@ def rectify_session(changes: dict[str, Any], session_uuid: uuid.UUID) -> dict[st
 
 
 @sessions_bp.route("/session/<uuid:session_uuid>/consent", methods=["POST"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.arguments(ConsentRequestSchema)
 @sessions_bp.response(200, PersistSessionResponseSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
@@ -162,20 +184,14 @@ def rectify_session(changes: dict[str, Any], session_uuid: uuid.UUID) -> dict[st
 @sessions_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def set_consent(body: dict[str, Any], session_uuid: uuid.UUID) -> dict[str, Any]:
     """Grant consent, or withdraw it: name, e-mail, verification and files are erased."""
-    chat_session = data_rights.set_consent(
+    decision = data_rights.set_consent(
         session_uuid, body["consent_user_data"], request_audit_context()
     )
-    granted = chat_session.consent_user_data
-    return {
-        "status": "success",
-        "uuid": chat_session.uuid,
-        "message": "Consent recorded." if granted else "Consent withdrawn; personal data erased.",
-        "consent_user_data": granted,
-    }
+    return _consent_answer(decision)
 
 
 @sessions_bp.route("/session/<uuid:session_uuid>", methods=["DELETE"])
-@rate_limited("SESSION_RESOURCE_RATE_LIMIT")
+@limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @sessions_bp.response(200, MessageSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Protocol, cast
 from uuid import uuid4
 
 from email_validator import EmailNotValidError, validate_email
@@ -74,22 +74,34 @@ class _Claim(enum.Enum):
     ENDED = "ended"
 
 
-def generate(context: AuditContext) -> uuid.UUID:
+class SessionBudget(Protocol):
+    """The caller's allowance of new sessions (app.rate_limits.NewSessionBudget)."""
+
+    def spend(self) -> None:
+        """Count one new session, or raise RateLimited."""
+        ...
+
+
+def generate(context: AuditContext, budget: SessionBudget) -> uuid.UUID:
     """Issue a fresh UUID registered as a pending session."""
+    budget.spend()
     session_uuid = _issue_fresh_uuid(context)
     db.session.commit()
     return session_uuid
 
 
-def validate(raw: str, context: AuditContext) -> ValidationResult:
-    """Resume a live session, register an unknown v4 UUID, or replace an ended one."""
+def validate(raw: str, context: AuditContext, budget: SessionBudget) -> ValidationResult:
+    """Resume a live session, register an unknown v4 UUID, or replace an ended one.
+
+    Only registering and replacing spend from ``budget``; resuming is free.
+    """
     session_uuid = parse_uuid4(raw)
     if session_uuid is None:
         audit.record("uuid_invalid", context, reason="not_uuid_v4")
         db.session.commit()
         return ValidationResult(Verdict.INVALID, None)
 
-    claim = _resume_or_register(session_uuid, context)
+    claim = _resume_or_register(session_uuid, context, budget)
     if claim is _Claim.ENDED:
         replacement = _issue_fresh_uuid(context)
         audit.record("uuid_collision", context, session_uuid, replacement=str(replacement))
@@ -203,10 +215,14 @@ def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:
     raise UuidGenerationFailed()
 
 
-def _resume_or_register(session_uuid: uuid.UUID, context: AuditContext) -> _Claim:
+def _resume_or_register(
+    session_uuid: uuid.UUID, context: AuditContext, budget: SessionBudget
+) -> _Claim:
     now = utcnow()
     if _touch(session_uuid, now):
         return _Claim.RESUMED
+    # A new session follows either way: this one registered, or a replacement for an ended one.
+    budget.spend()
     if _claim(session_uuid, now, context.client_ip):
         # An erasure deletes the row and writes the tombstone in one transaction. If
         # our insert had to wait for such a transaction, its tombstone was invisible

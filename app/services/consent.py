@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from flask import current_app
@@ -18,6 +20,23 @@ from app.services.erasure import unlink_send_history
 from app.storage import StorageUnavailable, current_storage, session_objects
 
 
+class ConsentChange(enum.StrEnum):
+    """What a consent decision did."""
+
+    RECORDED = "recorded"
+    DECLINED = "declined"
+    WITHDRAWN = "withdrawn"
+
+
+@dataclass(frozen=True)
+class ConsentDecision:
+    """The session after a consent decision, what the decision did, and what it erased."""
+
+    chat_session: ChatSession
+    change: ConsentChange
+    files_erased: int = 0
+
+
 def persist(
     raw_uuid: str,
     *,
@@ -25,7 +44,7 @@ def persist(
     name: str | None,
     email: str | None,
     context: AuditContext,
-) -> ChatSession:
+) -> ConsentDecision:
     """Record the user's consent decision and, with consent, their name and e-mail."""
     session_uuid = chat_sessions.parse_uuid4(raw_uuid)
     if session_uuid is None:
@@ -41,7 +60,7 @@ def persist(
         if not chat_session.consent_user_data:
             audit.record("consent_declined", context, session_uuid)
             db.session.commit()
-            return chat_session
+            return ConsentDecision(chat_session, ConsentChange.DECLINED)
         db.session.commit()
         return withdraw(session_uuid, context)
 
@@ -57,7 +76,7 @@ def persist(
     if changed:
         audit.record("personal_data_updated", context, session_uuid, fields=changed)
     db.session.commit()
-    return chat_session
+    return ConsentDecision(chat_session, ConsentChange.RECORDED)
 
 
 def grant(chat_session: ChatSession, context: AuditContext, now: datetime) -> None:
@@ -70,7 +89,7 @@ def grant(chat_session: ChatSession, context: AuditContext, now: datetime) -> No
     audit.record("consent_granted", context, chat_session.uuid)
 
 
-def withdraw(session_uuid: uuid.UUID, context: AuditContext) -> ChatSession:
+def withdraw(session_uuid: uuid.UUID, context: AuditContext) -> ConsentDecision:
     """Erase the session's personal data and files, keeping it as an anonymous pending session.
 
     The files go first, under the session's file lock but not its row lock: if storage fails,
@@ -93,7 +112,7 @@ def withdraw(session_uuid: uuid.UUID, context: AuditContext) -> ChatSession:
     _remember(chat_session, granted=False, context=context, now=utcnow())
     audit.record("consent_withdrawn", context, session_uuid, files=len(keys))
     db.session.commit()
-    return chat_session
+    return ConsentDecision(chat_session, ConsentChange.WITHDRAWN, files_erased=len(keys))
 
 
 def _erase_personal_data(chat_session: ChatSession) -> None:

@@ -75,14 +75,16 @@ def rectify(
     return chat_sessions.describe(session_uuid)
 
 
-def set_consent(session_uuid: uuid.UUID, granted: bool, context: AuditContext) -> ChatSession:
+def set_consent(
+    session_uuid: uuid.UUID, granted: bool, context: AuditContext
+) -> consent.ConsentDecision:
     """Grant consent, or withdraw it and erase personal data and files."""
     if not granted:
         return consent.withdraw(session_uuid, context)
     chat_session = chat_sessions.locked_session(session_uuid)
     consent.grant(chat_session, context, utcnow())
     db.session.commit()
-    return chat_session
+    return consent.ConsentDecision(chat_session, consent.ConsentChange.RECORDED)
 
 
 def erase(session_uuid: uuid.UUID, context: AuditContext) -> bool:

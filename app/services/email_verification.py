@@ -161,7 +161,7 @@ def verify_code(session_uuid: uuid.UUID, code: str, context: AuditContext) -> Ou
         )
     return _failure(
         "invalid_code",
-        f"That code is not right. {attempts_left} attempt(s) left.",
+        f"That code is not right. {_count(attempts_left, 'attempt')} left.",
         Transition.CODE_INPUT,
     )
 
@@ -303,7 +303,8 @@ def _limit_refusal(
         wait = int(wait_for.total_seconds()) + 1
         return _failure(
             "cooldown",
-            f"A code was sent moments ago. Please wait {wait} seconds before asking again.",
+            f"A code was sent moments ago. Please wait {_count(wait, 'second')} before asking "
+            "again.",
             stay_on,
         )
     caps = [
@@ -387,6 +388,11 @@ def _code_sent(email: str) -> Outcome:
         f"We sent a {CODE_DIGITS}-digit code to {mask_email(email)}.",
         Transition.CODE_INPUT,
     )
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 attempt``, ``2 attempts``: the user reads these sentences."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _keyed_hash(purpose: str, value: str) -> str:

@@ -7,7 +7,6 @@ import uuid
 from datetime import timedelta
 
 from flask import current_app
-from flask_limiter import RequestLimit
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -44,11 +43,11 @@ def watch_failed_codes(context: AuditContext, session_uuid: uuid.UUID) -> None:
     )
 
 
-def on_rate_limit_breach(limit: RequestLimit) -> None:
-    """flask-limiter's breach callback: audit the hit and watch for a burst from this IP."""
+def on_rate_limited(limit: str) -> None:
+    """A request was refused by a rate limit: audit it and watch for a burst from this IP."""
     context = request_audit_context()
     try:
-        audit.record(RATE_LIMITED, context, limit=str(limit.limit))
+        audit.record(RATE_LIMITED, context, limit=limit)
         db.session.commit()
         if context.client_ip is not None:
             _check(

@@ -1,0 +1,96 @@
+"""Rate limits by intent: minting sessions is scarce, resuming one is what clients do all the time.
+
+- **New sessions** (generate-uuid, and validate-uuid when it registers an unknown UUID or
+  issues a replacement) share one budget per client IP, ``SESSION_RATE_LIMIT``. The service
+  spends it at the moment it is about to create a session, so a resume never touches it.
+- **validate-uuid** is limited per session it names (``RESUME_RATE_LIMIT``) and, with a
+  generous ceiling for many users behind one address, per client IP (``RESUME_IP_RATE_LIMIT``).
+- Every other limited endpoint has its own budget per client IP (``limited_per_ip``).
+
+Counters live in flask-limiter's storage (Redis when configured), keyed the way it keys its own.
+docs/decisions.md ("Rate limits") gives the reasoning behind the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import limits
+from flask import current_app, request
+from flask_limiter.util import get_remote_address
+
+from app.errors import RateLimited, seconds_until
+from app.extensions import limiter
+
+NEW_SESSION_SCOPE = "new-session"
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(limit_text: str) -> list[limits.RateLimitItem]:
+    return limits.parse_many(limit_text)
+
+
+class NewSessionBudget:
+    """One client's allowance of new sessions, spent by the service just before it creates one."""
+
+    def __init__(self, client: str) -> None:
+        prefix = current_app.config["RATELIMIT_KEY_PREFIX"]
+        self._identifiers = [prefix, client, NEW_SESSION_SCOPE] if prefix else [client]
+        self._limit_text = current_app.config["SESSION_RATE_LIMIT"]
+
+    def spend(self) -> None:
+        """Count one new session; RateLimited if the budget was already used up."""
+        strategy = limiter.limiter
+        exhausted = [
+            item for item in _parsed(self._limit_text) if not strategy.hit(item, *self._identifiers)
+        ]
+        if exhausted:
+            reset_at = max(
+                strategy.get_window_stats(item, *self._identifiers).reset_time for item in exhausted
+            )
+            raise RateLimited(limit=self._limit_text, retry_after=seconds_until(reset_at))
+
+
+def new_session_budget() -> NewSessionBudget:
+    """The budget of the client making the current request."""
+    return NewSessionBudget(get_remote_address())
+
+
+def _session_named_in_body() -> str:
+    """The per-session key of a validate-uuid request: a hash of the UUID it names.
+
+    The UUID is the session's credential, so the counter's key holds only a hash of it. A
+    body that names no UUID counts against its client address instead.
+    """
+    body = request.get_json(silent=True)
+    named = body.get("uuid") if isinstance(body, dict) else None
+    if isinstance(named, str) and named.strip():
+        digest = hashlib.sha256(named.strip().lower().encode()).hexdigest()[:32]
+        return f"session:{digest}"
+    return f"no-session:{get_remote_address()}"
+
+
+def _not_for_preflights() -> bool:
+    # CORS preflights carry no work and must never eat into the caller's budget.
+    return request.method == "OPTIONS"
+
+
+def limited_per_ip(config_key: str) -> Callable[[Callable[..., Any]], Any]:
+    """Limit a route per client IP by the limit string in ``app.config[config_key]``."""
+    return limiter.limit(
+        lambda: str(current_app.config[config_key]), exempt_when=_not_for_preflights
+    )
+
+
+def limited_as_resume(view: Callable[..., Any]) -> Any:
+    """validate-uuid's limits: per session named, and a ceiling per client IP."""
+    per_ip = limited_per_ip("RESUME_IP_RATE_LIMIT")
+    per_session = limiter.limit(
+        lambda: str(current_app.config["RESUME_RATE_LIMIT"]),
+        key_func=_session_named_in_body,
+        exempt_when=_not_for_preflights,
+    )
+    return per_ip(per_session(view))
