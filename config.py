@@ -17,9 +17,11 @@ MIN_PRODUCTION_SECRET_LENGTH = 32
 # Values of these variables are never repeated in error messages.
 SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL"})
 
-# The time budget of one request (docs/decisions.md, "Time budget"). A request makes at most
-# this many storage calls one after the other (an upload lists the folder, then stores the file),
-# and its worst case must leave gunicorn this share of its worker timeout as a margin.
+# The time budget of one request (docs/decisions.md, "Time budget"). A request waits for at most
+# this many locks one after the other (a consent withdrawal: the session's row, its file lock,
+# its row again) and makes at most this many storage calls (an upload lists the folder, then
+# stores the file); its worst case must leave gunicorn this share of its timeout as a margin.
+LOCK_WAITS_PER_REQUEST = 3
 STORAGE_CALLS_PER_REQUEST = 2
 BUDGET_SHARE_OF_WORKER_TIMEOUT = 0.8
 # botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
@@ -98,7 +100,12 @@ class Config:
         env = _MappingEnv(environ)
         text, integer, boolean = env.str, env.int, env.bool
 
-        self.APP_ENV = text("APP_ENV", "development", validate=_one_of("development", "production"))
+        def choice(name: str, default: str, *choices: str) -> str:
+            """One of ``choices`` in any letter case, kept in lower case for every check."""
+            value = text(name, default, validate=_one_of(*choices))
+            return value.lower() if value else default
+
+        self.APP_ENV = choice("APP_ENV", "development", "development", "production")
         self.SECRET_KEY = text("SECRET_KEY", None)
         default_db = "sqlite:///" + os.path.join(instance_path, "sessions.sqlite3")
         self.SQLALCHEMY_DATABASE_URI = normalise_database_url(text("DATABASE_URL", default_db))
@@ -130,7 +137,7 @@ class Config:
 
         self.MAX_JSON_BODY_KB = integer("MAX_JSON_BODY_KB", 64, validate=AT_LEAST_ONE)
 
-        self.STORAGE_BACKEND = text("STORAGE_BACKEND", "local", validate=_one_of("local", "s3"))
+        self.STORAGE_BACKEND = choice("STORAGE_BACKEND", "local", "local", "s3")
         self.STORAGE_LOCAL_ROOT = text("STORAGE_LOCAL_ROOT", os.path.join(instance_path, "storage"))
         self.S3_BUCKET = text("S3_BUCKET", None)
         self.S3_REGION = text("S3_REGION", None)
@@ -147,7 +154,7 @@ class Config:
         self.MAX_FILES_PER_SESSION = integer("MAX_FILES_PER_SESSION", 3, validate=AT_LEAST_ONE)
         self.UPLOAD_RATE_LIMIT = text("UPLOAD_RATE_LIMIT", "30/minute", validate=_rate_limit)
 
-        self.MAIL_BACKEND = text("MAIL_BACKEND", "console", validate=_one_of("console", "smtp"))
+        self.MAIL_BACKEND = choice("MAIL_BACKEND", "console", "console", "smtp")
         self.SMTP_HOST = text("SMTP_HOST", None)
         self.SMTP_PORT = integer("SMTP_PORT", 587, validate=AT_LEAST_ONE)
         self.SMTP_USERNAME = text("SMTP_USERNAME", None)
@@ -204,9 +211,7 @@ class Config:
         )
         self.ORPHAN_MIN_AGE_MINUTES = integer("ORPHAN_MIN_AGE_MINUTES", 30, validate=NOT_NEGATIVE)
 
-        self.LOG_LEVEL = text(
-            "LOG_LEVEL", "info", validate=_one_of("debug", "info", "warning", "error")
-        )
+        self.LOG_LEVEL = choice("LOG_LEVEL", "info", "debug", "info", "warning", "error").upper()
 
         # gunicorn.conf.py serves with these; the app checks its time budget against the timeout.
         self.GUNICORN_BIND = text("GUNICORN_BIND", "0.0.0.0:8000")
@@ -274,8 +279,8 @@ class Config:
             return []
         return [
             f"one request may wait {worst:g} s on its dependencies (database: "
-            "DATABASE_CONNECT_TIMEOUT_SECONDS + DATABASE_LOCK_TIMEOUT_MS + "
-            "DATABASE_STATEMENT_TIMEOUT_MS; storage: "
+            "DATABASE_CONNECT_TIMEOUT_SECONDS + DATABASE_STATEMENT_TIMEOUT_MS + "
+            f"{LOCK_WAITS_PER_REQUEST} x DATABASE_LOCK_TIMEOUT_MS; storage: "
             f"{STORAGE_CALLS_PER_REQUEST} x S3_MAX_ATTEMPTS x (S3_CONNECT_TIMEOUT_SECONDS + "
             "S3_READ_TIMEOUT_SECONDS) plus retry back-off; mail: SMTP_TIMEOUT_SECONDS), more "
             f"than {BUDGET_SHARE_OF_WORKER_TIMEOUT:.0%} of GUNICORN_TIMEOUT ({allowed:g} s): "
@@ -286,7 +291,8 @@ class Config:
         """The longest one request can wait on the database, storage and mail together."""
         database = (
             self.DATABASE_CONNECT_TIMEOUT_SECONDS
-            + (self.DATABASE_LOCK_TIMEOUT_MS + self.DATABASE_STATEMENT_TIMEOUT_MS) / 1000
+            + self.DATABASE_STATEMENT_TIMEOUT_MS / 1000
+            + LOCK_WAITS_PER_REQUEST * self.DATABASE_LOCK_TIMEOUT_MS / 1000
         )
         storage = 0
         if self.STORAGE_BACKEND == "s3":
@@ -302,10 +308,6 @@ class Config:
 
     def _derive(self) -> None:
         """Settings computed from the ones read."""
-        self.APP_ENV = self.APP_ENV.lower()
-        self.STORAGE_BACKEND = self.STORAGE_BACKEND.lower()
-        self.MAIL_BACKEND = self.MAIL_BACKEND.lower()
-        self.LOG_LEVEL = self.LOG_LEVEL.upper()
         # A per-process random key keeps development usable without a shared secret.
         self.SECRET_KEY = self.SECRET_KEY or secrets.token_hex(32)
         self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 import click
@@ -12,6 +13,8 @@ from flask.cli import AppGroup
 from app import jobs
 from app.services import admin_alerts, audit
 from app.storage import StorageUnavailable, current_storage
+
+log = logging.getLogger(__name__)
 
 cleanup = AppGroup("cleanup", help="Run a clean-up job now and print its summary.")
 dry_run_option = click.option(
@@ -77,19 +80,27 @@ def create_storage() -> None:
     click.echo("created" if created else "already exists")
 
 
-# How long the command waits for the mail server: the SMTP deadline, and a little more.
-NOTIFY_WAIT_MARGIN_SECONDS = 5
-
-
 @click.command("notify-admin")
 @click.argument("subject")
 @click.option("--signature", help="Deduplication key; defaults to the subject.")
 def notify_admin(subject: str, signature: str | None) -> None:
     """Mail the admin (deduplicated like every notification); gunicorn's hooks use this."""
     delivery = admin_alerts.notify(subject, signature=signature or subject, facts={"What": subject})
-    if delivery is not None:
-        timeout = current_app.config["SMTP_TIMEOUT_SECONDS"] + NOTIFY_WAIT_MARGIN_SECONDS
-        delivery.result(timeout=timeout)
+    if delivery is None:
+        return
+    # Claiming the notification takes a database statement, sending it the mail deadline.
+    config = current_app.config
+    wait = (
+        config["DATABASE_CONNECT_TIMEOUT_SECONDS"]
+        + config["DATABASE_STATEMENT_TIMEOUT_MS"] / 1000
+        + config["SMTP_TIMEOUT_SECONDS"]
+    )
+    try:
+        delivery.result(timeout=wait)
+    except TimeoutError:
+        # Logged, not printed: gunicorn runs this command, and its output is JSON lines.
+        log.error("admin notification not confirmed within %g s", wait)
+        raise SystemExit(1) from None
 
 
 def init_app(app: Flask) -> None:

@@ -241,7 +241,13 @@ def handle_http_exception(exc: HTTPException) -> Response:
 
 def handle_database_unavailable(exc: OperationalError) -> Response:
     if _is_lock_wait(exc):
-        return handle_domain_error(SessionBusy())
+        # The database answered; the session was held too long by another request.
+        log.warning("lock wait timed out", exc_info=exc)
+        admin_alerts.report_exception(exc, status=503)
+        busy = SessionBusy()
+        response = error_response(503, busy.error, busy.message)
+        response.headers["Retry-After"] = str(busy.retry_after)
+        return response
     log.error("database unavailable", exc_info=exc)
     admin_alerts.report_exception(exc, status=503)
     response = error_response(503, "database_unavailable", GENERAL_ERROR)

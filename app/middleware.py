@@ -32,9 +32,14 @@ def _caller_correlation_id() -> str | None:
     if len(raw) > 36:
         return None
     try:
-        return str(uuid.UUID(raw))
+        caller_id = uuid.UUID(raw)
     except ValueError:
         return None
+    # Correlation ids are logged as they are; a session's UUID is its credential and never is.
+    named = [(request.view_args or {}).get("session_uuid"), request.headers.get("X-Session-ID")]
+    if any(str(caller_id) == str(session).strip().lower() for session in named if session):
+        return None
+    return str(caller_id)
 
 
 def request_session_uuid() -> uuid.UUID | None:

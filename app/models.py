@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
@@ -160,7 +160,7 @@ class JobRun(Base):
 
 
 class EmailSend(Base):
-    """One verification e-mail sent: the history the sending limits are counted from.
+    """One verification e-mail claimed or sent: the history the sending limits are counted from.
 
     The address is kept only as a keyed hash, enough to cap sends per address.
     """
@@ -173,6 +173,8 @@ class EmailSend(Base):
     session_uuid: Mapped[uuid.UUID | None] = mapped_column(Uuid(as_uuid=True))
     address_hash: Mapped[str] = mapped_column(String(64))
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # False from the claim until the mail server accepted the message.
+    delivered: Mapped[bool] = mapped_column(server_default=true())
 
     __table_args__ = (
         Index("ix_email_sends_session_uuid_sent_at", "session_uuid", "sent_at"),

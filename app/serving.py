@@ -12,7 +12,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 from flask import has_request_context, request
@@ -67,10 +69,22 @@ def watch_server_problems(project_dir: str, window_seconds: float) -> None:
 
 
 def log_worker_abort() -> None:
-    """Log where a worker was when gunicorn's timeout ended it (runs in the worker)."""
-    route = request.url_rule.rule if has_request_context() and request.url_rule else None
+    """Log where a worker's threads were when gunicorn's timeout ended it (runs in the worker).
+
+    The hook runs in the worker's main thread. With sync workers that is the thread serving
+    the request; with threaded workers it is not, so the stack of every thread is logged.
+    """
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    stacks = {
+        f"{names.get(ident, 'unknown')} ({ident})": "".join(traceback.format_stack(frame))
+        for ident, frame in sys._current_frames().items()
+    }
+    in_request = has_request_context()
     log.error(
         "worker timed out",
-        extra={"route": route, "method": request.method if has_request_context() else None},
-        stack_info=True,
+        extra={
+            "route": request.url_rule.rule if in_request and request.url_rule else None,
+            "method": request.method if in_request else None,
+            "threads": stacks,
+        },
     )

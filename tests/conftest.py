@@ -257,11 +257,15 @@ def storage_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 class Inbox:
-    """Messages received by the test SMTP server, optionally after a delay."""
+    """Messages received by the test SMTP server, optionally after a delay.
 
-    def __init__(self, delay: float = 0.0) -> None:
+    The first ``refuse`` messages are refused (after the delay) instead of accepted.
+    """
+
+    def __init__(self, delay: float = 0.0, refuse: int = 0) -> None:
         self.messages: list[EmailMessage] = []
         self.delay = delay
+        self.refuse = refuse
 
     def to(self, address: str) -> list[EmailMessage]:
         return [message for message in self.messages if message["To"] == address]
@@ -269,19 +273,24 @@ class Inbox:
     async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.refuse:
+            self.refuse -= 1
+            return "554 Transaction failed"
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         self.messages.append(message)  # type: ignore[arg-type]
         return "250 Message accepted"
 
 
 @contextmanager
-def smtp_server(port: int | None = None, delay: float = 0.0) -> Iterator[tuple[int, Inbox]]:
+def smtp_server(
+    port: int | None = None, delay: float = 0.0, refuse: int = 0
+) -> Iterator[tuple[int, Inbox]]:
     """A real SMTP server (aiosmtpd) on loopback; yields its port and inbox."""
     from aiosmtpd.controller import Controller
 
     from tests.servers import free_port
 
-    inbox = Inbox(delay)
+    inbox = Inbox(delay, refuse)
     controller = Controller(inbox, hostname="127.0.0.1", port=port or free_port())
     controller.start()
     try:

@@ -164,3 +164,46 @@ def hung_server() -> Iterator[int]:
         for connection in accepted:
             connection.close()
         listener.close()
+
+
+@contextmanager
+def dripping_server(reply: bytes, interval: float) -> Iterator[int]:
+    """A TCP server that sends ``reply`` to each connection one byte every ``interval`` seconds.
+
+    Every single read succeeds in time, but the reply as a whole takes far longer: a server
+    that answers "just in time" at every step.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def drip(connection: socket.socket) -> None:
+        with connection:
+            for byte in reply:
+                if stop.wait(interval):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()

@@ -20,6 +20,7 @@ from tests.conftest import (
     audit_rows,
     base_env,
     build_app,
+    json_lines,
     smtp_env,
     smtp_server,
     unreachable_s3_env,
@@ -234,7 +235,9 @@ def children_of(parent: int) -> list[int]:
     return children
 
 
-def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(sqlite_url: str) -> None:
+def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     build_app(sqlite_url)  # the schema the server will use
     with smtp_server() as (port, inbox):
         env = base_env(
@@ -242,17 +245,22 @@ def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(sqlite_url: str) ->
             ADMIN_EMAIL=ADMIN,
             **smtp_env(port),
             # The shortest worker timeout these dependency timeouts allow (config.py).
-            GUNICORN_TIMEOUT="5",
+            GUNICORN_TIMEOUT="6",
             DATABASE_CONNECT_TIMEOUT_SECONDS="1",
             DATABASE_LOCK_TIMEOUT_MS="200",
             DATABASE_STATEMENT_TIMEOUT_MS="500",
         )
-        with gunicorn_process("wsgi:app", env, workers=2, probe_path="/health") as served:
-            crashed, stuck = sorted(children_of(served.process.pid))[:2]
+        log = tmp_path / "gunicorn.log"
+        with gunicorn_process(
+            "wsgi:app", env, workers=3, probe_path="/health", output=log
+        ) as served:
+            crashed, stuck, aborted = sorted(children_of(served.process.pid))[:3]
             # gunicorn judges a worker by its heartbeat, which starts some seconds after boot.
             time.sleep(3)
             os.kill(crashed, signal.SIGSEGV)
             os.kill(stuck, signal.SIGSTOP)
+            # What gunicorn sends a worker past its timeout: the hook logs where it was.
+            os.kill(aborted, signal.SIGABRT)
 
             def subjects() -> str:
                 return " | ".join(str(message["Subject"]) for message in inbox.to(ADMIN))
@@ -263,3 +271,23 @@ def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(sqlite_url: str) ->
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(stuck, signal.SIGCONT)
+    [abort_line] = [
+        line for line in json_lines(log.read_text()) if line["message"] == "worker timed out"
+    ]
+    assert any("MainThread" in name for name in abort_line["threads"])  # type: ignore[union-attr]
+
+
+def test_a_notification_that_could_not_be_sent_does_not_silence_the_next(
+    database_url: str,
+) -> None:
+    port = free_port()
+    app = with_failing_route(build_app(database_url, ADMIN_EMAIL=ADMIN, **smtp_env(port)))
+    other_worker = with_failing_route(build_app(database_url, ADMIN_EMAIL=ADMIN, **smtp_env(port)))
+    assert app.test_client().post("/api/v1/test-failure").status_code == 500
+    time.sleep(0.5)  # the mail server is down: that notification is lost
+
+    with smtp_server(port) as (_, inbox):
+        assert other_worker.test_client().post("/api/v1/test-failure").status_code == 500
+        assert app.test_client().post("/api/v1/test-failure").status_code == 500
+
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)

@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
+from app import create_app
 from app.clock import utcnow
 from app.extensions import db
 from app.models import ChatSession, EmailSend, SessionState
@@ -23,13 +25,15 @@ from tests.conftest import (
     JSON_HEADERS,
     Inbox,
     audit_rows,
+    base_env,
     build_app,
     code_in,
     session_row,
     smtp_env,
     smtp_server,
 )
-from tests.servers import free_port
+from tests.servers import app_process, free_port, hung_server
+from tests.test_faults import row_locked_elsewhere
 
 ADDRESS = "Jane.Doe@Example.com"
 STORED_ADDRESS = "Jane.Doe@example.com"
@@ -426,3 +430,68 @@ def test_a_failed_send_keeps_the_code_already_sent_and_counts_for_nothing(
     with app.app_context():
         assert db.session.query(EmailSend).count() == 1
     assert outcome(call(client, "verify-code", session_uuid, {"code": code}))[2] == "CHAT_READY"
+
+
+def test_a_refused_send_is_undone_without_waiting_for_a_held_session(postgres_url: str) -> None:
+    # PostgreSQL only: row locks. SQLite holds one write lock for the whole database.
+    database_url = postgres_url
+    with smtp_server(delay=1.0, refuse=1) as (port, inbox):
+        app = build_app(database_url, **smtp_env(port))
+        session_uuid = new_session(app.test_client())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(
+                call, app.test_client(), "verify-email", session_uuid, {"email": ADDRESS}
+            )
+            time.sleep(0.3)  # the send is claimed; the mail server will refuse it
+            with row_locked_elsewhere(database_url, session_uuid):
+                started = time.monotonic()
+                refused = first.result()
+                waited = time.monotonic() - started
+        retried = call(app.test_client(), "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(refused) == ("error", "mail_unavailable", "EMAIL_INPUT")
+    assert waited < 1.5, "the undo waited for the session's row"
+    # The refused send counts for nothing, so the frontend's retry sends a code at once.
+    assert outcome(retried) == ("success", None, "CODE_INPUT")
+    [message] = inbox.to(STORED_ADDRESS)
+    code = code_in(message)
+    assert outcome(call(app.test_client(), "verify-code", session_uuid, {"code": code}))[2] == (
+        "CHAT_READY"
+    )
+
+
+def test_a_process_killed_while_sending_leaves_a_send_that_stops_counting(
+    database_url: str,
+) -> None:
+    app = build_app(database_url, **smtp_env(free_port()))
+    session_uuid = new_session(app.test_client())
+    with hung_server() as hung_port:
+        env = base_env(database_url, **{**smtp_env(hung_port), "SMTP_TIMEOUT_SECONDS": "10"})
+        with app_process(env) as served, ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(
+                requests.post,
+                f"{served.url}/api/v1/email-verification/verify-email",
+                json={"email": ADDRESS},
+                headers={**JSON_HEADERS, "X-Session-ID": session_uuid},
+                timeout=30,
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not _sends(app):
+                time.sleep(0.05)
+            served.process.kill()  # mid-send: the claim is committed, the mail never went
+            served.process.wait()
+
+    with smtp_server() as (port, inbox):
+        app = create_app(base_env(database_url, **smtp_env(port)))  # the same data, mail back
+        while_in_flight = call(app.test_client(), "verify-email", session_uuid, {"email": ADDRESS})
+        rewind_sends(app, session_uuid, 10)  # past the mail deadline and one statement
+        later = call(app.test_client(), "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert _sends(app) == [False, True]
+    assert outcome(while_in_flight) == outcome(later) == ("success", None, "CODE_INPUT")
+    assert len(inbox.messages) == 1, "sent once: not while the first might still arrive"
+
+
+def _sends(app: Flask) -> list[bool]:
+    with app.app_context():
+        return [send.delivered for send in db.session.query(EmailSend).order_by(EmailSend.id)]

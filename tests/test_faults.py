@@ -264,22 +264,65 @@ def row_locked_elsewhere(database_url: str, session_uuid: str) -> Iterator[None]
 
 
 def test_a_session_held_too_long_answers_busy_and_a_retry_succeeds(database_url: str) -> None:
-    app = build_app(database_url)
+    with smtp_server() as (port, inbox):
+        app = build_app(database_url, ADMIN_EMAIL="ops@chat.example", **smtp_env(port))
+        client = app.test_client()
+        session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+        body = {"uuid": session_uuid, "consent_user_data": True}
+
+        with row_locked_elsewhere(database_url, session_uuid):
+            started = time.monotonic()
+            busy = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
+            waited = time.monotonic() - started
+
+        assert busy.status_code == 503
+        assert busy.get_json()["error"] == "session_busy"
+        assert busy.headers["Retry-After"] == "1"
+        assert 1.5 < waited < 4.0, "the wait is the 2 s lock timeout, not the statement timeout"
+        retried = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
+        assert retried.status_code == 200
+        # The admin learns which lock and where: the database's own error, with its trace.
+        deadline = time.monotonic() + 10
+        while not inbox.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [alert] = inbox.messages
+        text = alert.get_body(preferencelist=("plain",)).get_content()
+        assert "OperationalError" in text
+        assert "lock" in text.lower()
+        assert "persist_session" in text
+
+
+def test_an_upload_to_a_held_session_stores_nothing(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    app = build_app(database_url, **storage_env)
     client = app.test_client()
     session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
-    body = {"uuid": session_uuid, "consent_user_data": True}
 
     with row_locked_elsewhere(database_url, session_uuid):
-        started = time.monotonic()
-        busy = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
-        waited = time.monotonic() - started
+        busy = client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+            content_type="multipart/form-data",
+        )
 
     assert busy.status_code == 503
     assert busy.get_json()["error"] == "session_busy"
-    assert busy.headers["Retry-After"] == "1"
-    assert 1.5 < waited < 4.0, "the wait is the 2 s lock timeout, not the statement timeout"
-    retried = client.post("/api/v1/persist_session", json=body, headers=JSON_HEADERS)
-    assert retried.status_code == 200
+    assert stored(app) == []
+
+
+def test_repeating_an_erasure_lists_the_folder_once(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    session_uuid = new_session_with_file(faulty_app)
+    client = faulty_app.test_client()
+    assert client.delete(f"/api/v1/session/{session_uuid}").status_code == 200
+    proxy[0].reset()
+
+    again = client.delete(f"/api/v1/session/{session_uuid}")
+
+    assert again.get_json()["message"] == "Session was already erased."
+    assert dict(proxy[0].counts) == {"ListObjectsV2": 1}
 
 
 def test_readiness_names_a_missing_bucket_and_the_create_command_makes_it(

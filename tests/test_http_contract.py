@@ -140,6 +140,17 @@ def test_unexpected_errors_answer_general_error_without_internals(
     assert "secret internals" not in response.get_data(as_text=True)
 
 
+def test_a_correlation_id_naming_the_session_is_not_taken(client: FlaskClient) -> None:
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+
+    answer = client.get(
+        f"/api/v1/session/{session_uuid}", headers={"X-Correlation-ID": session_uuid.upper()}
+    )
+
+    assert answer.status_code == 200
+    assert answer.headers["X-Correlation-ID"] != session_uuid
+
+
 # rate limits
 
 

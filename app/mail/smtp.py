@@ -2,60 +2,23 @@
 
 from __future__ import annotations
 
-import math
 import smtplib
+import socket
 import ssl
-import time
+import threading
 from email.message import EmailMessage
-from typing import Any
-
-from typing_extensions import Buffer
 
 from app.mail import MailUnavailable
 
-_SourceAddress = tuple[Any, ...] | str | Buffer | None
-
-
-class _BoundedSMTP(smtplib.SMTP):
-    """An SMTP client whose every step waits only for what is left of one deadline.
-
-    smtplib's timeout applies to each socket operation, and one message takes a dozen of
-    them (greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA...): a server that answers each
-    just in time would hold the request for many timeouts. Every read and write here gets
-    the time remaining instead, so one message never takes longer than the deadline.
-    """
-
-    deadline = math.inf
-
-    def _time_left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("SMTP deadline passed")
-        return left
-
-    def connect(
-        self, host: str = "localhost", port: int = 0, source_address: _SourceAddress = None
-    ) -> tuple[int, bytes]:
-        self.timeout = min(self.timeout, self._time_left())
-        return super().connect(host, port, source_address)
-
-    def send(self, s: Buffer | str) -> None:
-        if self.sock is not None:
-            self.sock.settimeout(self._time_left())
-        super().send(s)
-
-    def getreply(self) -> tuple[int, bytes]:
-        if self.sock is not None:
-            self.sock.settimeout(self._time_left())
-        return super().getreply()
-
-
-class _BoundedSMTPSSL(_BoundedSMTP, smtplib.SMTP_SSL):
-    """Implicit TLS (port 465 style) under the same deadline."""
-
 
 class SmtpMailer:
-    """One connection per message; the whole exchange bounded by ``timeout`` seconds."""
+    """One connection per message; the whole exchange ends within ``timeout`` seconds.
+
+    smtplib's timeout bounds each socket operation, and one message takes dozens of them: a
+    server that answers each just in time (or drips a reply one byte at a time) would hold the
+    request for many timeouts. A timer therefore cuts the connection when the deadline for the
+    whole message passes; whatever smtplib was waiting for then fails at once.
+    """
 
     def __init__(
         self,
@@ -77,11 +40,16 @@ class SmtpMailer:
         self.timeout = timeout
 
     def send(self, message: EmailMessage) -> None:
+        smtp = (
+            smtplib.SMTP_SSL(timeout=self.timeout, context=ssl.create_default_context())
+            if self.implicit_tls
+            else smtplib.SMTP(timeout=self.timeout)
+        )
+        deadline = threading.Timer(self.timeout, _cut, args=(smtp,))
+        deadline.daemon = True
+        deadline.start()
         try:
-            smtp = self._connect()
-        except (smtplib.SMTPException, OSError) as exc:
-            raise MailUnavailable(f"SMTP {self.host}:{self.port}: {exc}") from exc
-        try:
+            smtp.connect(self.host, self.port)
             if self.starttls:
                 smtp.starttls(context=ssl.create_default_context())
             if self.username:
@@ -90,17 +58,18 @@ class SmtpMailer:
         except (smtplib.SMTPException, OSError) as exc:
             raise MailUnavailable(f"SMTP {self.host}:{self.port}: {exc}") from exc
         finally:
+            deadline.cancel()
             _quit(smtp)
 
-    def _connect(self) -> smtplib.SMTP:
-        smtp: _BoundedSMTP
-        if self.implicit_tls:
-            smtp = _BoundedSMTPSSL(timeout=self.timeout, context=ssl.create_default_context())
-        else:
-            smtp = _BoundedSMTP(timeout=self.timeout)
-        smtp.deadline = time.monotonic() + self.timeout
-        smtp.connect(self.host, self.port)
-        return smtp
+
+def _cut(smtp: smtplib.SMTP) -> None:
+    """The deadline passed: end the connection under whatever smtplib is waiting for."""
+    sock = smtp.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return
 
 
 def _quit(smtp: smtplib.SMTP) -> None:

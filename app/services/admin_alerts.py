@@ -71,8 +71,8 @@ class AdminAlerts:
         return timedelta(minutes=self._app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
 
     def _deliver(self, alert: Alert, now: datetime) -> None:
-        try:
-            with self._app.app_context():
+        with self._app.app_context():
+            try:
                 if not _first_in_deployment(alert.signature, now, self._window()):
                     return
                 if alert.session_uuid is not None:
@@ -84,10 +84,28 @@ class AdminAlerts:
                     log.warning("admin notification, ADMIN_EMAIL unset: %s", alert.subject)
                     return
                 current_mailer().send(_compose(alert, address))
-        except MailUnavailable:
-            log.error("admin notification not sent: mail server unavailable")
-        except Exception:
-            log.exception("admin notification failed")
+            except MailUnavailable:
+                log.error("admin notification not sent: mail server unavailable")
+                self._forget(alert.signature, now)
+            except Exception:
+                log.exception("admin notification failed")
+                self._forget(alert.signature, now)
+
+    def _forget(self, signature: str, now: datetime) -> None:
+        """A notification that did not go out must not silence the next one of its kind."""
+        with self._lock:
+            if self._last_sent.get(signature) == now:
+                del self._last_sent[signature]
+        try:
+            db.session.execute(
+                delete(AdminNotice).where(
+                    AdminNotice.signature_hash == _signature_hash(signature),
+                    AdminNotice.last_sent_at == now,
+                )
+            )
+            db.session.commit()
+        except SQLAlchemyError:
+            db.session.rollback()
 
 
 def init_app(app: Flask) -> None:
@@ -173,10 +191,9 @@ def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bo
     notification is older than the window. If the database cannot be reached, the process's
     own record (checked before this) is all there is, so the notification goes out.
     """
-    signature_hash = hashlib.sha256(signature.encode()).hexdigest()
     statement = (
         upsert(AdminNotice)
-        .values(signature_hash=signature_hash, last_sent_at=now)
+        .values(signature_hash=_signature_hash(signature), last_sent_at=now)
         .on_conflict_do_update(
             index_elements=["signature_hash"],
             set_={"last_sent_at": now},
@@ -192,6 +209,10 @@ def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bo
         log.warning("admin notification deduplicated per process only: database unavailable")
         return True
     return claimed
+
+
+def _signature_hash(signature: str) -> str:
+    return hashlib.sha256(signature.encode()).hexdigest()
 
 
 def _user_actions(session_uuid: uuid.UUID) -> str:

@@ -144,23 +144,44 @@ def lock_live_session(session_uuid: uuid.UUID) -> None:
         raise SessionNotFound()
 
 
+def is_live(session_uuid: uuid.UUID) -> bool:
+    """Whether a session row exists for ``session_uuid`` (no lock, no touch)."""
+    return bool(db.session.scalar(_IS_LIVE, {"session_uuid": session_uuid}))
+
+
 def hold_session_files(session_uuid: uuid.UUID) -> None:
     """Serialise this live session's file operations until the caller commits.
 
-    On PostgreSQL this is an advisory lock that only the session's other file operations
-    (upload, delete, consent withdrawal, erasure) wait for, so storage calls made under it
-    never hold up the session row that every other call touches. On SQLite the touch takes
-    the database-wide write lock, which serialises writers anyway. SessionNotFound if the
-    session is not live.
+    The session is touched first. On PostgreSQL that touch is committed at once, so the row,
+    which every other call touches, is free again before storage is called; the file lock is
+    an advisory lock that only the session's other file operations (upload, delete, consent
+    withdrawal, erasure) wait for. On SQLite the touch takes the database-wide write lock, which
+    serialises writers anyway. Call it before anything else in the transaction.
+    SessionNotFound if the session is not live.
     """
-    if session_uuid.version != 4:
+    if session_uuid.version != 4 or not _touch(session_uuid, utcnow()):
         raise SessionNotFound()
     if has_advisory_locks():
+        db.session.commit()
         advisory_xact_lock(files_lock_name(session_uuid))
-        if not db.session.scalar(_IS_LIVE, {"session_uuid": session_uuid}):
+        # An erasure may have ended the session between the touch and the lock.
+        if not is_live(session_uuid):
             raise SessionNotFound()
-    elif not _touch(session_uuid, utcnow()):
-        raise SessionNotFound()
+
+
+def session_if_free(session_uuid: uuid.UUID) -> ChatSession | None:
+    """The live session, locked until commit, or None if it is gone or another request holds it.
+
+    It never waits for the lock (PostgreSQL's SKIP LOCKED); SQLite takes its write lock at the
+    caller's first write, as ever.
+    """
+    query = (
+        select(ChatSession)
+        .where(ChatSession.uuid == session_uuid)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    )
+    return db.session.scalars(query).one_or_none()
 
 
 def locked_session(session_uuid: uuid.UUID) -> ChatSession:

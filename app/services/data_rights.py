@@ -95,17 +95,18 @@ def erase(session_uuid: uuid.UUID, context: AuditContext) -> bool:
     """
     if session_uuid.version != 4:
         raise SessionNotFound()
-    result = erase_sessions(
-        [session_uuid],
-        ChatSession.uuid == session_uuid,
-        reason=RetirementReason.DELETED,
-        context=context,
-        wait=True,
-    )
-    if result.skipped or result.files_left:
-        raise StorageUnavailableError()
-    if result.files:
-        return True
+    if chat_sessions.is_live(session_uuid):
+        result = erase_sessions(
+            [session_uuid],
+            ChatSession.uuid == session_uuid,
+            reason=RetirementReason.DELETED,
+            context=context,
+            wait=True,
+        )
+        if result.skipped or result.files_left:
+            raise StorageUnavailableError()
+        if result.files:
+            return True
     if not db.session.scalar(select(exists().where(RetiredSessionUUID.uuid == session_uuid))):
         raise SessionNotFound()
     try:

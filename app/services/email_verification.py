@@ -18,7 +18,7 @@ from email.message import EmailMessage
 
 from email_validator import EmailNotValidError, validate_email
 from flask import current_app, render_template
-from sqlalchemy import ColumnElement, delete, func, insert, select
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 
 from app.clock import utcnow
 from app.errors import SessionNotFound
@@ -79,7 +79,7 @@ def request_code(session_uuid: uuid.UUID, raw_email: str, context: AuditContext)
     if (
         chat_session.email == email
         and _code_is_live(chat_session, now)
-        and _cooldown_left(_last_send(session_uuid), now) is not None
+        and _cooldown_left(_last_send(session_uuid, now), now) is not None
     ):
         # A retry of the same request: the code just sent still stands; send nothing.
         db.session.commit()
@@ -221,18 +221,22 @@ def _send_code(
     context: AuditContext,
     stay_on: Transition,
 ) -> Outcome:
-    """Claim a send under the session's lock, commit, then mail with no lock held.
+    """Claim a send under the session's lock, commit, mail with no lock held, record the outcome.
 
-    The claim (the new code on the session and a row in ``email_sends``) is committed first,
-    so a retry that arrives while the mail server is slow finds the code live and the cooldown
-    running, and sends nothing. If the mail server refuses, the claim is undone: the session
-    gets back its previous address and code, and the send does not count against any limit.
+    The claim (the new code on the session and an undelivered row in ``email_sends``) is
+    committed first, so a retry that arrives while the mail server is slow finds the code live
+    and the send in flight, and sends nothing. A send still undelivered once the mail deadline
+    has passed (the process died, or its outcome could not be recorded) stops counting, so a
+    later request sends again.
     """
-    claim = _claim_send(chat_session, email, now, context, stay_on)
+    code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+    # Built before anything is claimed: a message that cannot be built claims nothing.
+    message = _verification_message(email, code)
+    claim = _claim_send(chat_session, email, code, now, context, stay_on)
     if isinstance(claim, Outcome):
         return claim
     try:
-        current_mailer().send(_verification_message(email, claim.code))
+        current_mailer().send(message)
     except MailUnavailable:
         _undo_claim(claim, context)
         current_app.logger.warning("verification e-mail not sent: mail server unavailable")
@@ -241,6 +245,12 @@ def _send_code(
             "We could not send the e-mail just now. Please try again in a few minutes.",
             stay_on,
         )
+    except Exception:
+        _undo_claim(claim, context)
+        raise
+    db.session.execute(
+        update(EmailSend).where(EmailSend.id == claim.send_id).values(delivered=True)
+    )
     audit.record("verification_code_sent", context, claim.session_uuid)
     db.session.commit()
     return _code_sent(email)
@@ -249,11 +259,12 @@ def _send_code(
 def _claim_send(
     chat_session: ChatSession,
     email: str,
+    code: str,
     now: datetime,
     context: AuditContext,
     stay_on: Transition,
 ) -> Outcome | _ClaimedSend:
-    """Within the locked transaction: refuse (committed), or issue a code and commit the claim."""
+    """Within the locked transaction: refuse (committed), or put ``code`` on the session, commit."""
     session_uuid = chat_session.uuid
     address_hash = _address_hash(email)
     _serialise_sends_to(address_hash)
@@ -263,7 +274,6 @@ def _claim_send(
         db.session.commit()
         return refusal
     previous = _VerificationFields.of(chat_session)
-    code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
     address_changed = chat_session.email != email
     if address_changed:
         chat_session.email = email
@@ -275,7 +285,7 @@ def _claim_send(
     chat_session.verification_attempts_left = current_app.config["EMAIL_CODE_MAX_ATTEMPTS"]
     send_id = db.session.scalar(
         insert(EmailSend)
-        .values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now)
+        .values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now, delivered=False)
         .returning(EmailSend.id)
     )
     audit.record("verification_code_issued", context, session_uuid, address_changed=address_changed)
@@ -284,8 +294,12 @@ def _claim_send(
 
 
 def _undo_claim(claim: _ClaimedSend, context: AuditContext) -> None:
-    """The message did not go out: the send does not count, and the previous code stands."""
-    chat_session = _locked_session(claim.session_uuid)
+    """The message did not go out: the send stops counting, and the previous code comes back.
+
+    Nothing here waits for the session's row: if another request holds it, the code claimed
+    stays on the session (nobody received it) and only the send record goes.
+    """
+    chat_session = chat_sessions.session_if_free(claim.session_uuid)
     # Only if nothing replaced the claimed code meanwhile (a newer send, a withdrawal).
     if chat_session is not None and chat_session.verification_code_hash == claim.code_hash:
         claim.previous.restore(chat_session)
@@ -298,7 +312,7 @@ def _limit_refusal(
     session_uuid: uuid.UUID, address_hash: str, now: datetime, stay_on: Transition
 ) -> Outcome | None:
     config = current_app.config
-    wait_for = _cooldown_left(_last_send(session_uuid), now)
+    wait_for = _cooldown_left(_last_send(session_uuid, now), now)
     if wait_for is not None:
         wait = int(wait_for.total_seconds()) + 1
         return _failure(
@@ -324,7 +338,7 @@ def _limit_refusal(
         ),
     ]
     for error, sender, period, setting, message in caps:
-        if _count_sends(sender, now - period) >= config[setting]:
+        if _count_sends(sender, now - period, now) >= config[setting]:
             return _failure(error, message, stay_on)
     return None
 
@@ -339,14 +353,33 @@ def _serialise_sends_to(address_hash: str) -> None:
         advisory_xact_lock(f"email-address:{address_hash}")
 
 
-def _count_sends(condition: ColumnElement[bool], since: datetime) -> int:
-    query = select(func.count()).select_from(EmailSend).where(condition, EmailSend.sent_at > since)
+def _counted(now: datetime) -> ColumnElement[bool]:
+    """Sends that count: delivered, or claimed recently enough to be still on their way.
+
+    A claim is on its way for at most the mail deadline plus the statement that records its
+    outcome; one undelivered after that failed without saying so.
+    """
+    config = current_app.config
+    in_flight = timedelta(
+        seconds=config["SMTP_TIMEOUT_SECONDS"] + config["DATABASE_STATEMENT_TIMEOUT_MS"] / 1000
+    )
+    return or_(EmailSend.delivered, EmailSend.sent_at > now - in_flight)
+
+
+def _count_sends(condition: ColumnElement[bool], since: datetime, now: datetime) -> int:
+    query = (
+        select(func.count())
+        .select_from(EmailSend)
+        .where(condition, EmailSend.sent_at > since, _counted(now))
+    )
     return int(db.session.scalar(query) or 0)
 
 
-def _last_send(session_uuid: uuid.UUID) -> datetime | None:
+def _last_send(session_uuid: uuid.UUID, now: datetime) -> datetime | None:
     return db.session.scalar(
-        select(func.max(EmailSend.sent_at)).where(EmailSend.session_uuid == session_uuid)
+        select(func.max(EmailSend.sent_at)).where(
+            EmailSend.session_uuid == session_uuid, _counted(now)
+        )
     )
 
 

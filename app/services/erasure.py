@@ -58,11 +58,18 @@ def erase_sessions(
     result = Erasure()
     keys: dict[uuid.UUID, list[str]] = {}
     storage = current_storage()
-    for session_uuid in _hold_files(sorted(session_uuids), wait=wait):
+    held = _hold_files(sorted(session_uuids), wait=wait)
+    for position, session_uuid in enumerate(held):
         try:
             keys[session_uuid] = [o.key for o in session_objects(storage, session_uuid)]
         except StorageUnavailable as exc:
-            result.skipped[session_uuid] = f"files could not be listed ({exc.reason})"
+            problem = f"files could not be listed ({exc.reason})"
+            if exc.reason != "unreachable":
+                result.skipped[session_uuid] = problem
+                continue
+            # Storage is not answering: every further listing would wait out its timeout.
+            result.skipped.update(dict.fromkeys(held[position:], problem))
+            break
     erased = _delete_rows(list(keys), still_eligible, reason, keys, context)
     if not erased:
         return result
@@ -85,10 +92,11 @@ def erase_all(
 ) -> ErasureTotals:
     """Erase every session matching ``eligible``, a batch at a time (background jobs).
 
-    A session that cannot be finished (files busy, unlistable or undeletable) is recorded in
-    ``problems`` and never holds up the others; it is tried again on the next run, or its
-    leftover files are removed by the orphan sweep. A batch that erases nothing ends the run:
-    storage is then most likely down, and the next run starts over.
+    A session whose files another request is working on is in use, so it is left alone. One
+    whose files cannot be listed or deleted is recorded in ``problems`` and never holds up the
+    others: it is tried again on the next run, or its leftover files (it has ended) are
+    removed by the orphan sweep. A batch that erases nothing ends the run: storage is then most
+    likely down, and the next run starts over.
     """
     totals = ErasureTotals()
     attempted: set[uuid.UUID] = set()

@@ -83,7 +83,6 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         url = _download_url(storage, key, name)
     except StorageUnavailable as exc:
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
-    chat_sessions.lock_live_session(session_uuid)
     audit.record(
         "file_uploaded",
         context,
@@ -122,7 +121,6 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     if failed:
         db.session.rollback()
         raise StorageUnavailableError()
-    chat_sessions.lock_live_session(session_uuid)
     audit.record("file_deleted", context, session_uuid, file_ref=file_ref(name))
     db.session.commit()
 
