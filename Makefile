@@ -25,8 +25,9 @@ run: $(VENV)/.runtime
 	$(FLASK) run --host 127.0.0.1 --port 5000
 
 ## Install the test tools, lint, type-check and run the whole test suite.
+# Two processes; a file's tests stay together (they share fixtures and servers).
 test: $(VENV)/.dev lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
