@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Any
 
 from flask import Flask, Request, Response, g, request
+from flask.json.provider import DefaultJSONProvider
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -102,6 +104,20 @@ def _finish_response(response: Response) -> Response:
     return response
 
 
+class BoundedJSONProvider(DefaultJSONProvider):
+    """JSON whose parsing fails as a client error, however it is built.
+
+    A body nested thousands of levels deep exhausts the parser's recursion; reported as the
+    ValueError it amounts to, Flask answers it 400 like any other body it cannot parse.
+    """
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 class _NoCookieSessions(SecureCookieSessionInterface):
     """The API keeps no cookie state: ``flask.session`` is a null session that refuses writes."""
 
@@ -114,6 +130,7 @@ def init_app(app: Flask) -> None:
     # Chat sessions live in the database under their UUID; a cookie session would only add a
     # signing step to every request and a second meaning of "session".
     app.session_interface = _NoCookieSessions()
+    app.json = BoundedJSONProvider(app)
     proxies = app.config["TRUSTED_PROXY_COUNT"]
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import ipaddress
+
+from flask import current_app
 
 # A /24 (IPv4) or /48 (IPv6) names a network, not a subscriber.
 IPV4_KEPT_PREFIX = 24
@@ -35,3 +39,13 @@ def mask_email(email: str | None) -> str | None:
     if not dot:
         host, tld = domain, ""
     return f"{local[:1]}***@{host[:1]}***{dot}{tld}"
+
+
+def keyed_hash(purpose: str, value: str) -> str:
+    """An HMAC-SHA256 of ``value`` keyed with SECRET_KEY, hex.
+
+    Kept in place of personal data that only needs comparing (codes, addresses, file names):
+    without the key, hashing a list of likely values recovers nothing.
+    """
+    key = current_app.config["SECRET_KEY"].encode()
+    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()

@@ -14,7 +14,6 @@ docs/decisions.md ("Rate limits") gives the reasoning behind the defaults.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,8 @@ from flask_limiter.util import get_remote_address
 
 from app.errors import RateLimited, seconds_until
 from app.extensions import limiter
+from app.privacy import keyed_hash
+from app.services.chat_sessions import parse_uuid4
 
 NEW_SESSION_SCOPE = "new-session"
 
@@ -60,17 +61,18 @@ def new_session_budget() -> NewSessionBudget:
 
 
 def _session_named_in_body() -> str:
-    """The per-session key of a validate-uuid request: a hash of the UUID it names.
+    """The per-session key of a validate-uuid request: a keyed hash of the UUID it names.
 
-    The UUID is the session's credential, so the counter's key holds only a hash of it. A
-    body that names no UUID counts against its client address instead.
+    The UUID is the session's credential, so the counter's key holds only a keyed hash of it.
+    A body that names no UUID v4 counts against its client address instead: every invalid
+    verdict is audited, so invalid UUIDs share one budget rather than one each.
     """
     body = request.get_json(silent=True)
     named = body.get("uuid") if isinstance(body, dict) else None
-    if isinstance(named, str) and named.strip():
-        digest = hashlib.sha256(named.strip().lower().encode()).hexdigest()[:32]
-        return f"session:{digest}"
-    return f"no-session:{get_remote_address()}"
+    session_uuid = parse_uuid4(named) if isinstance(named, str) else None
+    if session_uuid is None:
+        return f"no-session:{get_remote_address()}"
+    return f"session:{keyed_hash('resume-limit', str(session_uuid))[:32]}"
 
 
 def _not_for_preflights() -> bool:

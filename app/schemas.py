@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import marshmallow as ma
@@ -23,8 +24,26 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-def _uuid_text(**kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Length(min=1, max=MAX_UUID_FIELD_LENGTH), **kwargs)
+class Text(fields.String):
+    """A string a person could have typed: no control characters, no unpaired surrogates.
+
+    Control characters (NUL among them) have no place in a name, an address, a code or a file
+    name, and PostgreSQL refuses NUL outright; a lone surrogate cannot be encoded to store.
+    """
+
+    default_error_messages = {  # noqa: RUF012 (marshmallow's extension point)
+        "unprintable": "Must not contain control characters or unpaired surrogates."
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text: str = super()._deserialize(value, attr, data, **kwargs)
+        if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
+            raise self.make_error("unprintable")
+        return text
+
+
+def _uuid_text(**kwargs: Any) -> Text:
+    return Text(validate=validate.Length(min=1, max=MAX_UUID_FIELD_LENGTH), **kwargs)
 
 
 class ErrorSchema(ma.Schema):
@@ -64,7 +83,7 @@ class UuidIssuedSchema(ma.Schema):
 class ValidateUuidRequestSchema(ma.Schema):
     """The UUID the frontend holds, as it holds it (even empty: that is an ``invalid`` verdict)."""
 
-    uuid = fields.String(required=True, validate=validate.Length(max=MAX_UUID_FIELD_LENGTH))
+    uuid = Text(required=True, validate=validate.Length(max=MAX_UUID_FIELD_LENGTH))
 
 
 class ValidateUuidResponseSchema(ma.Schema):
@@ -83,8 +102,8 @@ class PersistSessionRequestSchema(ma.Schema):
     uuid = _uuid_text()
     session_uuid = _uuid_text()
     consent_user_data = StrictBoolean(required=True)
-    name = fields.String(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
-    email = fields.String(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+    name = Text(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
+    email = Text(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
 
     @ma.validates_schema
     def _exactly_one_session_key(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -169,7 +188,7 @@ class UploadedFileSchema(ma.Schema):
 class DeleteFileRequestSchema(ma.Schema):
     """Which file of which session to delete."""
 
-    filename = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    filename = Text(required=True, validate=validate.Length(min=1, max=255))
     session_uuid = _uuid_text(required=True)
 
 
@@ -201,13 +220,13 @@ class SessionFilesSchema(ma.Schema):
 class VerifyEmailRequestSchema(ma.Schema):
     """The address to verify."""
 
-    email = fields.String(required=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+    email = Text(required=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
 
 
 class VerifyCodeRequestSchema(ma.Schema):
     """A code the user typed."""
 
-    code = fields.String(required=True, validate=validate.Length(max=32))
+    code = Text(required=True, validate=validate.Length(max=32))
 
 
 class ResendCodeRequestSchema(ma.Schema):
@@ -240,8 +259,8 @@ class VerificationOutcomeSchema(ma.Schema):
 class RectifyRequestSchema(ma.Schema):
     """Corrections; ``null`` removes a value, an absent field leaves it unchanged."""
 
-    name = fields.String(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
-    email = fields.String(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+    name = Text(allow_none=True, validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
+    email = Text(allow_none=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
 
 
 class ConsentRequestSchema(ma.Schema):

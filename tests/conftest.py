@@ -46,6 +46,7 @@ from tests.servers import PROJECT_ROOT, VENV_BIN
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
 JSON_HEADERS = {"Accept": "application/json; version=v1", "Content-Type": "application/json"}
+TEST_SECRET_KEY = "test-secret-key"
 
 
 def _service_url(name: str) -> str:
@@ -123,7 +124,7 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
     """The environment a test app is built from."""
     env = {
         "APP_ENV": "development",
-        "SECRET_KEY": "test-secret-key",
+        "SECRET_KEY": TEST_SECRET_KEY,
         "DATABASE_URL": database_url,
         # Generous by default so only the rate-limit tests meet the limit.
         "SESSION_RATE_LIMIT": "1000/minute",

@@ -139,8 +139,26 @@ def test_a_burst_of_rate_limit_hits_is_audited_and_notified(database_url: str) -
 
         assert statuses == [200, 200, 429, 429, 429, 429]
         assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
-        assert "rate-limit hits" in inbox.to(ADMIN)[0]["Subject"]
-    assert len(audit_rows(app, "rate_limited")) == 4
+        assert "3 rate-limit refusals from IP 127.0.0.0" in inbox.to(ADMIN)[0]["Subject"]
+    # The first refusal of the window, and the one that made it a burst; not every refusal.
+    assert [row.details for row in audit_rows(app, "rate_limited")] == [{"limit": "2/minute"}]
+    [burst] = audit_rows(app, "rate_limit_burst")
+    assert burst.details == {"limit": "2/minute", "refusals": 3}
+
+
+def test_a_flood_of_refusals_costs_the_database_two_rows(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            database_url, ADMIN_EMAIL=ADMIN, SESSION_RATE_LIMIT="1/minute", **smtp_env(port)
+        )
+        client = app.test_client()
+
+        statuses = [client.post("/api/v1/generate-uuid").status_code for _ in range(300)]
+
+        assert statuses == [200] + [429] * 299
+        assert len(audit_rows(app)) == 1 + 2  # the session issued, then two refusal rows
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        assert not wait_for(lambda: len(inbox.to(ADMIN)) > 1, timeout=1.0)
 
 
 def test_a_job_error_is_notified(database_url: str) -> None:
@@ -254,6 +272,7 @@ def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(
         with gunicorn_process(
             "wsgi:app", env, workers=3, probe_path="/health", output=log
         ) as served:
+            assert wait_for(lambda: len(children_of(served.process.pid)) >= 3)
             crashed, stuck, aborted = sorted(children_of(served.process.pid))[:3]
             # gunicorn judges a worker by its heartbeat, which starts some seconds after boot.
             time.sleep(3)

@@ -7,6 +7,7 @@ server that answers chosen requests with HTTP 500 instead of forwarding them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -22,11 +23,14 @@ import boto3
 import psycopg2
 import pytest
 from flask import Flask
+from sqlalchemy import update
 from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.clock import utcnow
+from app.extensions import db
 from app.messages import GENERAL_ERROR
+from app.models import ChatSession, SessionState
 from app.services.orphan_sweep import sweep_orphans
 from app.storage import current_storage
 from tests.conftest import (
@@ -349,3 +353,49 @@ def test_readiness_names_refused_access(faulty_app: Flask, proxy: tuple[S3Proxy,
 
     assert refused.status_code == 503
     assert refused.get_json()["reasons"]["storage"].startswith("access_denied: ")
+
+
+@pytest.mark.parametrize("job", ["abandoned", "retention"])
+def test_one_undeletable_file_stalls_no_erasure_job(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str], job: str
+) -> None:
+    with smtp_server() as (port, inbox):
+        settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+        app = build_app(database_url, ADMIN_EMAIL="ops@chat.example", **settings, **smtp_env(port))
+        sessions = [new_session_with_file(app) for _ in range(5)]
+        stuck = sessions[2]
+        state = SessionState.VERIFIED if job == "retention" else SessionState.PENDING
+        with app.app_context():
+            db.session.execute(
+                update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=400), state=state)
+            )
+            db.session.commit()
+        proxy[0].fault = fail("DeleteObjects", stuck.encode())
+        runner = app.test_cli_runner()
+
+        first = json.loads(runner.invoke(args=["cleanup", job]).output)
+        second = json.loads(runner.invoke(args=["cleanup", job]).output)
+
+        erased = "sessions_purged" if job == "abandoned" else "sessions_erased"
+        assert (first[erased], first["files_deleted"], first["errors"]) == (5, 4, 1)
+        assert (second[erased], second["errors"]) == (0, 0)
+        assert all(session_row(app, session) is None for session in sessions)
+        assert stored(app) == [f"uploads/{stuck}/cv.pdf"]
+        [problem] = audit_rows(app, f"{'abandoned_purge' if job == 'abandoned' else job}_error")
+        assert str(problem.session_uuid) == stuck
+        deadline = time.monotonic() + 10
+        while not inbox.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert len(inbox.messages) == 1, "reported to the admin once"
+
+    # The stuck file belongs to no session now: the orphan sweep deletes it once it can.
+    proxy[0].fault = None
+    app.config["ORPHAN_MIN_AGE_MINUTES"] = 0
+    assert (
+        json.loads(app.test_cli_runner().invoke(args=["cleanup", "orphans"]).output)[
+            "folders_deleted"
+        ]
+        == 1
+    )
+    assert stored(app) == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
 import io
 import threading
@@ -13,9 +16,17 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.services.files import file_ref, safe_filename
+from app.services.files import safe_filename
 from app.storage import current_storage, session_objects
-from tests.conftest import JSON_HEADERS, audit_rows, base_env, build_app, unreachable_s3_env
+from tests.conftest import (
+    JSON_HEADERS,
+    TEST_SECRET_KEY,
+    audit_rows,
+    base_env,
+    build_app,
+    s3_env,
+    unreachable_s3_env,
+)
 from tests.servers import app_process
 
 PDF = b"%PDF-1.7\n" + b"0" * 2048 + b"\n%%EOF\n"
@@ -43,21 +54,26 @@ def upload(client: FlaskClient, session_uuid: str, name: str = "cv.pdf", data: b
     )
 
 
+def keyed_ref(name: str, secret_key: str = TEST_SECRET_KEY) -> str:
+    """The audit trail's reference to a file name: an HMAC keyed with SECRET_KEY, cut short."""
+    digest = hmac.new(secret_key.encode(), f"file-name:{name}".encode(), hashlib.sha256)
+    return digest.hexdigest()[:16]
+
+
 def stored_names(app: Flask, session_uuid: str) -> list[str]:
     with app.app_context():
         return [o.key.rpartition("/")[2] for o in session_objects(current_storage(), session_uuid)]
 
 
 def download(client: FlaskClient, url: str) -> bytes:
-    """Follow a download URL: an app route for local storage, S3 itself for presigned URLs."""
-    parts = urlsplit(url)
-    if parts.path.startswith("/api/v1/files/"):
-        response = client.get(parts.path)
-        assert response.status_code == 200
-        return response.data
-    fetched = requests.get(url, timeout=10)
-    assert fetched.status_code == 200
-    return fetched.content
+    """Follow a download link: the app streams a local file, or redirects to S3 for seconds."""
+    response = client.get(urlsplit(url).path)
+    if response.status_code == 302:
+        fetched = requests.get(response.headers["Location"], timeout=10)
+        assert fetched.status_code == 200
+        return fetched.content
+    assert response.status_code == 200
+    return response.data
 
 
 def test_upload_stores_a_pdf_with_a_working_time_limited_link(
@@ -79,7 +95,7 @@ def test_upload_stores_a_pdf_with_a_working_time_limited_link(
     assert stored_names(files_app, session_uuid) == ["My_CV_final.pdf"]
     [event] = audit_rows(files_app, "file_uploaded")
     assert event.details == {
-        "file_ref": file_ref("My_CV_final.pdf"),
+        "file_ref": keyed_ref("My_CV_final.pdf"),
         "size": len(PDF),
         "replaced": False,
     }
@@ -237,7 +253,7 @@ def test_delete_removes_the_file_once(files_app: Flask, files_client: FlaskClien
     assert second.get_json()["error"] == "file_not_found"
     assert stored_names(files_app, session_uuid) == ["b.pdf"]
     [event] = audit_rows(files_app, "file_deleted")
-    assert event.details == {"file_ref": file_ref("a.pdf")}
+    assert event.details == {"file_ref": keyed_ref("a.pdf")}
 
 
 def test_delete_in_an_unknown_session_is_not_found(files_client: FlaskClient) -> None:
@@ -271,18 +287,82 @@ def test_listing_shows_each_file_with_a_link(files_client: FlaskClient) -> None:
     assert unknown.status_code == 404
 
 
-def test_a_forged_or_expired_local_link_is_refused(database_url: str) -> None:
-    app = build_app(database_url, DOWNLOAD_URL_EXPIRES_SECONDS="1")
+def test_a_link_names_neither_the_session_nor_the_key(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    session_uuid = new_session(files_client)
+    url = upload(files_client, session_uuid).get_json()["url"]
+    listed = files_client.get(f"/api/v1/session/{session_uuid}/files").get_json()["files"]
+
+    for link in (url, listed[0]["url"]):
+        parts = urlsplit(link)
+        assert parts.path.startswith("/api/v1/files/")
+        assert not parts.query
+        visible = link.lower() + _decodable(parts.path.rpartition("/")[2])
+        assert session_uuid.replace("-", "") not in visible.replace("-", "")
+        assert "uploads" not in visible
+        assert "cv.pdf" not in visible
+        assert download(files_client, link) == PDF
+
+
+def _decodable(token: str) -> str:
+    """Whatever the token's bytes say when decoded as base64, the way a curious holder would."""
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    return raw.decode("latin-1").lower() + raw.hex()
+
+
+def test_an_s3_link_redirects_to_a_url_that_lives_seconds(
+    database_url: str, s3_endpoint: str
+) -> None:
+    app = build_app(database_url, **s3_env(s3_endpoint))
+    client = app.test_client()
+    url = upload(client, new_session(client)).get_json()["url"]
+
+    redirected = client.get(urlsplit(url).path)
+
+    assert redirected.status_code == 302
+    assert "X-Amz-Expires=30&" in redirected.headers["Location"]
+
+
+def test_a_link_dies_with_its_file_its_version_or_its_session(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    session_uuid = new_session(files_client)
+    deleted = upload(files_client, session_uuid, "a.pdf").get_json()["url"]
+    replaced = upload(files_client, session_uuid, "b.pdf").get_json()["url"]
+    erased = upload(files_client, session_uuid, "c.pdf").get_json()["url"]
+
+    files_client.delete(
+        "/api/v1/delete",
+        json={"filename": "a.pdf", "session_uuid": session_uuid},
+        headers=JSON_HEADERS,
+    )
+    replacement = upload(files_client, session_uuid, "b.pdf", PDF + b"v2").get_json()["url"]
+
+    assert files_client.get(urlsplit(deleted).path).status_code == 404
+    assert files_client.get(urlsplit(replaced).path).status_code == 404
+    assert download(files_client, replacement) == PDF + b"v2"
+    assert download(files_client, erased) == PDF
+    assert files_client.delete(f"/api/v1/session/{session_uuid}").status_code == 200
+    gone = files_client.get(urlsplit(erased).path)
+    assert (gone.status_code, gone.get_json()["error"]) == (404, "file_not_found")
+
+
+def test_a_forged_or_expired_link_is_refused(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    app = build_app(database_url, DOWNLOAD_URL_EXPIRES_SECONDS="1", **storage_env)
     client = app.test_client()
     session_uuid = new_session(client)
     url = upload(client, session_uuid).get_json()["url"]
     path = urlsplit(url).path
-    assert client.get(path).status_code == 200
+    assert client.get(path).status_code in (200, 302)
 
     forged = client.get(path[:-3] + "abc")
     assert forged.status_code == 404
     assert forged.get_json()["error"] == "file_not_found"
-    threading.Event().wait(2.1)  # the link was signed for one second
+    assert client.get("/api/v1/files/" + "A" * 5000).status_code == 404
+    threading.Event().wait(2.1)  # the link was issued for one second
     assert client.get(path).status_code == 404
 
 
@@ -327,3 +407,20 @@ def test_an_endless_body_is_refused_before_it_is_read(database_url: str, tmp_pat
         assert response.status == 413
         assert b"file_too_large" in response.read()
         assert issued
+
+
+def test_file_references_in_the_audit_trail_depend_on_the_secret_key(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    references = []
+    for secret_key in ("first-secret-key", "second-secret-key"):
+        app = build_app(database_url, SECRET_KEY=secret_key, **storage_env)
+        client = app.test_client()
+        upload(client, new_session(client), "passport-scan.pdf")
+        [event] = audit_rows(app, "file_uploaded")
+        assert event.details["file_ref"] == keyed_ref("passport-scan.pdf", secret_key)
+        references.append(event.details["file_ref"])
+
+    assert references[0] != references[1]
+    unkeyed = hashlib.sha256(b"passport-scan.pdf").hexdigest()[:16]
+    assert unkeyed not in references

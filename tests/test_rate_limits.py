@@ -299,3 +299,12 @@ def test_withdrawing_through_persist_session_says_what_was_erased(database_url: 
     )
     assert withdrawn["consent_user_data"] is False
     assert declined["message"] == "Consent declined."
+
+
+def test_invalid_uuids_share_one_budget_per_client(app_at_defaults: Flask) -> None:
+    client = app_at_defaults.test_client()
+
+    verdicts = [validate(client, f"not-a-uuid-{n}") for n in range(61)]
+
+    assert verdicts == [(200, "invalid")] * 60 + [(429, "rate_limited")]
+    assert len(audit_rows(app_at_defaults, "uuid_invalid")) == 60

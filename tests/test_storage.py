@@ -29,7 +29,7 @@ def make_s3(endpoint: str) -> S3Storage:
 @pytest.fixture(params=["local", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
-        return LocalStorage(str(tmp_path / "root"), secret_key="k")
+        return LocalStorage(str(tmp_path / "root"))
     return make_s3(request.getfixturevalue("s3_endpoint"))
 
 
@@ -76,7 +76,7 @@ def test_put_replaces_and_delete_many_is_idempotent(storage: Storage) -> None:
 
 
 def test_local_delete_keeps_the_top_level_folder(tmp_path: Path) -> None:
-    storage = LocalStorage(str(tmp_path), secret_key="k")
+    storage = LocalStorage(str(tmp_path))
     storage.put("uploads/s/a.pdf", io.BytesIO(b"x"), "application/pdf")
 
     assert storage.delete_many(["uploads/s/a.pdf"]) == {}
@@ -86,7 +86,7 @@ def test_local_delete_keeps_the_top_level_folder(tmp_path: Path) -> None:
 
 
 def test_local_listing_pages_by_the_batch_size(tmp_path: Path) -> None:
-    storage = LocalStorage(str(tmp_path), secret_key="k")
+    storage = LocalStorage(str(tmp_path))
     for index in range(BATCH_SIZE + 1):
         storage.put(f"uploads/f/{index:05d}.pdf", io.BytesIO(b"x"), "application/pdf")
 
@@ -96,7 +96,7 @@ def test_local_listing_pages_by_the_batch_size(tmp_path: Path) -> None:
 
 
 def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
-    storage = LocalStorage(str(tmp_path / "root"), secret_key="k")
+    storage = LocalStorage(str(tmp_path / "root"))
 
     with pytest.raises(ValueError, match="escapes"):
         storage.put("../outside.pdf", io.BytesIO(b"x"), "application/pdf")
@@ -104,7 +104,7 @@ def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
 
 
 def test_local_put_leaves_nothing_half_written(tmp_path: Path) -> None:
-    storage = LocalStorage(str(tmp_path), secret_key="k")
+    storage = LocalStorage(str(tmp_path))
 
     class Broken(io.BytesIO):
         def read(self, size: int | None = -1) -> bytes:

@@ -11,7 +11,6 @@ notification is logged instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import traceback
@@ -31,6 +30,7 @@ from app.logging_setup import recent_problems
 from app.mail import MailUnavailable, current_mailer
 from app.middleware import current_correlation_id, request_session_uuid
 from app.models import AdminNotice, AuditEvent
+from app.privacy import keyed_hash
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bo
 
 
 def _signature_hash(signature: str) -> str:
-    return hashlib.sha256(signature.encode()).hexdigest()
+    # Keyed: a signature can name a client network, and networks are few enough to enumerate.
+    return keyed_hash("admin-notice", signature)
 
 
 def _user_actions(session_uuid: uuid.UUID) -> str:

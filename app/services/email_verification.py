@@ -8,7 +8,6 @@ audit trail; the database keeps a code only as a keyed hash.
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import secrets
 import uuid
@@ -26,7 +25,7 @@ from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.mail import MailUnavailable, current_mailer
 from app.messages import SESSION_RESET
 from app.models import ChatSession, EmailSend, SessionState
-from app.privacy import mask_email
+from app.privacy import keyed_hash, mask_email
 from app.services import audit, chat_sessions, security_monitor
 from app.services.audit import AuditContext
 
@@ -428,17 +427,12 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
-def _keyed_hash(purpose: str, value: str) -> str:
-    key = current_app.config["SECRET_KEY"].encode()
-    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
-
-
 def _code_hash(session_uuid: uuid.UUID, code: str) -> str:
-    return _keyed_hash(f"code:{session_uuid}", code)
+    return keyed_hash(f"code:{session_uuid}", code)
 
 
 def _address_hash(email: str) -> str:
-    return _keyed_hash("address", email.lower())
+    return keyed_hash("address", email.lower())
 
 
 def _verification_message(email: str, code: str) -> EmailMessage:

@@ -202,16 +202,28 @@ def delete_leftover_files(session_uuid: uuid.UUID) -> int:
 
 
 def _delete_files(keys: dict[uuid.UUID, list[str]]) -> dict[uuid.UUID, str]:
-    """Delete every listed file; the sessions some of whose files are still stored, and why."""
+    """Delete every listed file; the sessions some of whose files are still stored, and why.
+
+    All keys go in as few requests as storage allows. If such a request is refused as a whole,
+    each session's files are tried again on their own, so one bad file cannot keep its
+    neighbours.
+    """
     by_key = {
         key: session_uuid for session_uuid, session_keys in keys.items() for key in session_keys
     }
     if not by_key:
         return {}
+    storage = current_storage()
     try:
-        failed = current_storage().delete_many(list(by_key))
+        failed = storage.delete_many(list(by_key))
     except StorageUnavailable as exc:
-        return dict.fromkeys(keys, f"storage unavailable ({exc.reason})")
+        # Storage that does not answer at all would only make each retry wait out its timeout.
+        if len(keys) == 1 or exc.reason == "unreachable":
+            return dict.fromkeys(keys, f"storage unavailable ({exc.reason})")
+        left: dict[uuid.UUID, str] = {}
+        for session_uuid, session_keys in keys.items():
+            left.update(_delete_files({session_uuid: session_keys}))
+        return left
     return {by_key[key]: f"could not delete a file ({problem})" for key, problem in failed.items()}
 
 

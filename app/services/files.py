@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from flask import current_app
 from werkzeug.utils import secure_filename
 
-from app.clock import utcnow
 from app.errors import (
     FileLimitReached,
     FileNotFound,
@@ -24,16 +21,15 @@ from app.errors import (
     UnsupportedFileType,
 )
 from app.extensions import db
-from app.services import audit, chat_sessions
+from app.privacy import keyed_hash
+from app.services import audit, chat_sessions, download_links
 from app.services.audit import AuditContext
 from app.storage import (
-    Storage,
     StorageUnavailable,
     current_storage,
     session_objects,
     session_prefix,
 )
-from app.storage.local import LocalStorage
 
 PDF_MAGIC = b"%PDF-"
 PDF_CONTENT_TYPE = "application/pdf"
@@ -79,8 +75,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         existing = {stored.key for stored in session_objects(storage, session_uuid)}
         if key not in existing and len(existing) >= current_app.config["MAX_FILES_PER_SESSION"]:
             rejected("file_limit_reached", FileLimitReached())
-        storage.put(key, body, PDF_CONTENT_TYPE)
-        url = _download_url(storage, key, name)
+        stored = storage.put(key, body, PDF_CONTENT_TYPE)
     except StorageUnavailable as exc:
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
     audit.record(
@@ -92,7 +87,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         replaced=key in existing,
     )
     db.session.commit()
-    return SessionFile(name, size, utcnow(), url)
+    return SessionFile(name, size, stored.last_modified, download_links.link(session_uuid, stored))
 
 
 def refuse_oversized_body(context: AuditContext) -> NoReturn:
@@ -129,29 +124,19 @@ def list_files(session_uuid: uuid.UUID) -> list[SessionFile]:
     """The session's files with time-limited download links."""
     chat_sessions.lock_live_session(session_uuid)
     db.session.commit()
-    storage = current_storage()
     try:
         return [
             SessionFile(
                 name,
                 stored.size,
                 stored.last_modified,
-                _download_url(storage, stored.key, name),
+                download_links.link(session_uuid, stored),
             )
-            for stored in session_objects(storage, session_uuid)
+            for stored in session_objects(current_storage(), session_uuid)
             if (name := stored.key.rpartition("/")[2])
         ]
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
-
-
-def open_download(token: str) -> tuple[Path, str]:
-    """The local file a signed download link names; FileNotFound if forged, expired or gone."""
-    storage = current_storage()
-    found = storage.open_signed(token) if isinstance(storage, LocalStorage) else None
-    if found is None:
-        raise FileNotFound()
-    return found
 
 
 def safe_filename(filename: str) -> str | None:
@@ -169,12 +154,12 @@ def safe_filename(filename: str) -> str | None:
 
 
 def file_ref(name: str) -> str:
-    """A stable reference to a file name for the audit trail, which keeps no names."""
-    return hashlib.sha256(name.encode()).hexdigest()[:16]
+    """A stable reference to a file name for the audit trail, which keeps no names.
 
-
-def _download_url(storage: Storage, key: str, name: str) -> str:
-    return storage.download_url(key, current_app.config["DOWNLOAD_URL_EXPIRES_SECONDS"], name)
+    Keyed: audit rows outlive the session by a year, and an unkeyed hash of a name is
+    recovered by hashing a list of likely names.
+    """
+    return keyed_hash("file-name", name)[:16]
 
 
 def _size(body: BinaryIO) -> int:

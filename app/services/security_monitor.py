@@ -1,4 +1,4 @@
-"""Watching the audit trail for bursts: many failed codes or rate-limit hits in a short window."""
+"""Watching for bursts: many failed codes or rate-limit refusals from one source in a window."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import db, limiter
 from app.middleware import request_audit_context
 from app.models import AuditEvent
 from app.services import audit
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 FAILED_CODE = "verification_code_rejected"
 RATE_LIMITED = "rate_limited"
+RATE_LIMIT_BURST = "rate_limit_burst"
 
 
 def watch_failed_codes(context: AuditContext, session_uuid: uuid.UUID) -> None:
@@ -29,67 +30,88 @@ def watch_failed_codes(context: AuditContext, session_uuid: uuid.UUID) -> None:
 
     The IP is checked first; a burst it explains is not reported again per session.
     """
-    threshold = current_app.config["SUSPICIOUS_FAILED_CODES"]
-    if context.client_ip is not None and _check(
-        FAILED_CODE, AuditEvent.client_ip == context.client_ip, f"IP {context.client_ip}", threshold
+    if context.client_ip is not None and _failed_codes_burst(
+        AuditEvent.client_ip == context.client_ip, f"IP {context.client_ip}"
     ):
         return
-    _check(
-        FAILED_CODE,
-        AuditEvent.session_uuid == session_uuid,
-        f"session {session_uuid}",
-        threshold,
-        session_uuid,
+    _failed_codes_burst(
+        AuditEvent.session_uuid == session_uuid, f"session {session_uuid}", session_uuid
     )
 
 
 def on_rate_limited(limit: str) -> None:
-    """A request was refused by a rate limit: audit it and watch for a burst from this IP."""
+    """A request was refused by a rate limit: count it, and tell the database only of bursts.
+
+    A flood of refusals must not become a flood of writes. Refusals are counted per client
+    network and window in the rate limiter's own storage (Redis when configured, so shared by
+    every worker). The first refusal of a window is audited (``rate_limited``, with the limit),
+    and so is the one that makes it a burst (``rate_limit_burst``), which is also notified: at
+    most two rows per client per window, however many requests are refused.
+    """
     context = request_audit_context()
+    client = context.client_ip or "unknown"
+    config = current_app.config
+    window = timedelta(minutes=config["SUSPICIOUS_WINDOW_MINUTES"])
+    threshold = config["SUSPICIOUS_RATE_LIMIT_HITS"]
     try:
-        audit.record(RATE_LIMITED, context, limit=limit)
+        refusals = limiter.storage.incr(
+            f"{config['RATELIMIT_KEY_PREFIX']}/refusals/{client}", int(window.total_seconds())
+        )
+    except Exception:
+        # The 429 must still go out when the counters' storage is the thing that is down.
+        log.warning("rate-limit refusal not counted", exc_info=True)
+        return
+    if refusals not in (1, threshold):
+        return
+    try:
+        if refusals == 1:
+            audit.record(RATE_LIMITED, context, limit=limit)
+        if refusals == threshold:
+            audit.record(RATE_LIMIT_BURST, context, limit=limit, refusals=refusals)
         db.session.commit()
-        if context.client_ip is not None:
-            _check(
-                RATE_LIMITED,
-                AuditEvent.client_ip == context.client_ip,
-                f"IP {context.client_ip}",
-                current_app.config["SUSPICIOUS_RATE_LIMIT_HITS"],
-            )
     except SQLAlchemyError:
-        # The 429 must still go out when the database is the thing that is down.
         db.session.rollback()
-        log.warning("rate-limit hit not audited", exc_info=True)
+        log.warning("rate-limit refusal not audited", exc_info=True)
+    if refusals == threshold:
+        _notify(f"{refusals} rate-limit refusals", f"IP {client}", window, RATE_LIMITED)
 
 
-def _check(
-    event_type: str,
-    who: ColumnElement[bool],
-    label: str,
-    threshold: int,
-    session_uuid: uuid.UUID | None = None,
+def _failed_codes_burst(
+    who: ColumnElement[bool], label: str, session_uuid: uuid.UUID | None = None
 ) -> bool:
-    """Alert (deduplicated) if ``who`` has at least ``threshold`` such events in the window."""
-    window = timedelta(minutes=current_app.config["SUSPICIOUS_WINDOW_MINUTES"])
+    """Alert (deduplicated) if ``who`` failed SUSPICIOUS_FAILED_CODES codes in the window.
+
+    Every wrong code is audited anyway, so the audit trail is what is counted.
+    """
+    config = current_app.config
+    window = timedelta(minutes=config["SUSPICIOUS_WINDOW_MINUTES"])
     count = db.session.scalar(
         select(func.count())
         .select_from(AuditEvent)
-        .where(AuditEvent.event_type == event_type, who, AuditEvent.occurred_at > utcnow() - window)
+        .where(
+            AuditEvent.event_type == FAILED_CODE, who, AuditEvent.occurred_at > utcnow() - window
+        )
     )
     db.session.rollback()
-    if (count or 0) < threshold:
+    if (count or 0) < config["SUSPICIOUS_FAILED_CODES"]:
         return False
-    kind = "failed e-mail codes" if event_type == FAILED_CODE else "rate-limit hits"
+    _notify(f"{count} failed e-mail codes", label, window, FAILED_CODE, session_uuid)
+    return True
+
+
+def _notify(
+    what: str,
+    label: str,
+    window: timedelta,
+    kind: str,
+    session_uuid: uuid.UUID | None = None,
+) -> None:
+    """One suspicious-activity notification (deduplicated per kind and source)."""
     current_alerts().send(
         Alert(
-            subject=f"Suspicious activity: {count} {kind} from {label}",
-            signature=f"burst:{event_type}:{label}",
-            facts={
-                "Time": utcnow().isoformat(),
-                "What": f"{count} {kind} within {window}",
-                "From": label,
-            },
+            subject=f"Suspicious activity: {what} from {label}",
+            signature=f"burst:{kind}:{label}",
+            facts={"Time": utcnow().isoformat(), "What": f"{what} within {window}", "From": label},
             session_uuid=session_uuid,
         )
     )
-    return True

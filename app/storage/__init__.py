@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from flask import Flask, current_app
@@ -32,11 +33,29 @@ class StorageUnavailable(Exception):
 
 @dataclass(frozen=True)
 class StoredObject:
-    """One object as a listing reports it."""
+    """One object as a listing reports it; ``version`` changes whenever the object is replaced."""
 
     key: str
     size: int
     last_modified: datetime
+    version: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Hand the object over by sending the client to a URL that serves it, briefly."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """Hand the object over by streaming this file."""
+
+    path: Path
+
+
+Handover = Redirect | LocalFile
 
 
 class Storage(Protocol):
@@ -46,16 +65,20 @@ class Storage(Protocol):
         """Objects under ``prefix`` in key order, at most ``BATCH_SIZE`` per page."""
         ...
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
         """Store ``body`` at ``key`` atomically: readers see the old object or the whole new one."""
+        ...
+
+    def stat(self, key: str) -> StoredObject | None:
+        """The object at ``key``, or None if there is none."""
         ...
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         """Delete ``keys``; returns the keys that could not be deleted, with the reason."""
         ...
 
-    def download_url(self, key: str, expires_in: int, filename: str) -> str:
-        """A link that downloads ``key`` for ``expires_in`` seconds."""
+    def handover(self, key: str, filename: str) -> Handover:
+        """How to give the object at ``key`` to a client, as an attachment named ``filename``."""
         ...
 
     def check(self) -> None:
@@ -95,7 +118,7 @@ def init_app(app: Flask) -> None:
     else:
         from app.storage.local import LocalStorage
 
-        storage = LocalStorage(config["STORAGE_LOCAL_ROOT"], secret_key=config["SECRET_KEY"])
+        storage = LocalStorage(config["STORAGE_LOCAL_ROOT"])
     app.extensions["storage"] = storage
 
 

@@ -6,24 +6,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from flask import url_for
-from itsdangerous import BadSignature, URLSafeTimedSerializer
-
-from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
-
-_SIGNING_SALT = "local-storage-download"
+from app.storage import BATCH_SIZE, LocalFile, StorageUnavailable, StoredObject
 
 
 class LocalStorage:
-    """Keys are paths below ``root``; download links are signed, expiring app URLs."""
+    """Keys are paths below ``root``; the app streams a file itself when it is downloaded."""
 
-    def __init__(self, root: str, *, secret_key: str) -> None:
+    def __init__(self, root: str) -> None:
         self.root = Path(root).resolve()
-        self._signer = URLSafeTimedSerializer(secret_key, salt=_SIGNING_SALT)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -35,12 +29,10 @@ class LocalStorage:
         page: list[StoredObject] = []
         try:
             for key in self._keys_in_order(prefix):
-                try:
-                    stat = self._path(key).stat()
-                except FileNotFoundError:
+                stored = self._stat(key)
+                if stored is None:
                     continue  # deleted while we walked
-                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
-                page.append(StoredObject(key, stat.st_size, modified))
+                page.append(stored)
                 if len(page) == BATCH_SIZE:
                     yield page
                     page = []
@@ -70,7 +62,7 @@ class LocalStorage:
             else:
                 yield f"{key_prefix}{entry.name}"
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
         path = self._path(key)
         try:
             handle, temp_name = self._temp_file_beside(path)
@@ -81,8 +73,29 @@ class LocalStorage:
             except BaseException:
                 os.unlink(temp_name)
                 raise
+            stored = self._stat(key)
         except OSError as exc:
             raise StorageUnavailable(f"storing failed: {_reason(exc)}") from None
+        if stored is None:
+            raise StorageUnavailable("stored file vanished at once")
+        return stored
+
+    def stat(self, key: str) -> StoredObject | None:
+        try:
+            return self._stat(key)
+        except OSError as exc:
+            raise StorageUnavailable(f"reading failed: {_reason(exc)}") from None
+
+    def _stat(self, key: str) -> StoredObject | None:
+        try:
+            found = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        modified = datetime.fromtimestamp(found.st_mtime, UTC)
+        # A replaced file gets a new modification time (nanoseconds) even at the same size.
+        return StoredObject(
+            key, found.st_size, modified, f"{found.st_mtime_ns:x}-{found.st_size:x}"
+        )
 
     def _temp_file_beside(self, path: Path) -> tuple[int, str]:
         """A temporary file in the target's folder: write beside it, then rename into place."""
@@ -115,21 +128,8 @@ class LocalStorage:
                 return
             directory = directory.parent
 
-    def download_url(self, key: str, expires_in: int, filename: str) -> str:
-        token = self._signer.dumps({"key": key, "ttl": expires_in})
-        return url_for("files.download", token=token, _external=True)
-
-    def open_signed(self, token: str) -> tuple[Path, str] | None:
-        """The file a download token names, or None if the token is forged, expired or stale."""
-        try:
-            claims, signed_at = self._signer.loads(token, return_timestamp=True)
-            expired = datetime.now(UTC) - signed_at > timedelta(seconds=int(claims["ttl"]))
-        except (BadSignature, KeyError, TypeError, ValueError):
-            return None
-        if expired:
-            return None
-        path = self._path(str(claims["key"]))
-        return (path, path.name) if path.is_file() else None
+    def handover(self, key: str, filename: str) -> LocalFile:
+        return LocalFile(self._path(key))
 
     def check(self) -> None:
         try:

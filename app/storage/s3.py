@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
+from app.storage import BATCH_SIZE, Redirect, StorageUnavailable, StoredObject
+
+# Lifetime of the presigned URL a download link redirects to.
+HANDOVER_SECONDS = 30
 
 
 class S3Storage:
@@ -46,7 +51,7 @@ class S3Storage:
         try:
             for page in pages:
                 yield [
-                    StoredObject(item["Key"], item["Size"], item["LastModified"])
+                    StoredObject(item["Key"], item["Size"], item["LastModified"], item["ETag"])
                     for item in page.get("Contents", [])
                 ]
         except (BotoCoreError, ClientError) as exc:
@@ -54,15 +59,33 @@ class S3Storage:
                 f"listing failed: {_reason(exc)}", reason=_classify(exc)
             ) from None
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> None:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
+        size = body.seek(0, os.SEEK_END)
+        body.seek(0)
         try:
-            self._client.put_object(
+            stored = self._client.put_object(
                 Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
             )
         except (BotoCoreError, ClientError) as exc:
             raise StorageUnavailable(
                 f"storing failed: {_reason(exc)}", reason=_classify(exc)
             ) from None
+        return StoredObject(key, size, datetime.now(UTC), stored["ETag"])
+
+    def stat(self, key: str) -> StoredObject | None:
+        try:
+            found = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise StorageUnavailable(
+                f"reading failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(
+                f"reading failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+        return StoredObject(key, found["ContentLength"], found["LastModified"], found["ETag"])
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -81,7 +104,9 @@ class S3Storage:
                 failed[error["Key"]] = str(error.get("Code"))
         return failed
 
-    def download_url(self, key: str, expires_in: int, filename: str) -> str:
+    def handover(self, key: str, filename: str) -> Redirect:
+        # The presigned URL names the key (and so the session): it lives only long enough for
+        # the client to follow the redirect to it.
         url: str = self._client.generate_presigned_url(
             "get_object",
             Params={
@@ -89,9 +114,9 @@ class S3Storage:
                 "Key": key,
                 "ResponseContentDisposition": f'attachment; filename="{filename}"',
             },
-            ExpiresIn=expires_in,
+            ExpiresIn=HANDOVER_SECONDS,
         )
-        return url
+        return Redirect(url)
 
     def check(self) -> None:
         try:

@@ -1,0 +1,78 @@
+"""Download links that hand over one file and nothing else.
+
+A session's UUID is its only credential, so a link that showed it (or the storage key that
+contains it) would hand the whole session to whoever received the link. A link is therefore
+``/api/v1/files/<token>``, where the token is encrypted (Fernet: AES with an HMAC, keyed from
+SECRET_KEY): it reveals nothing without the key, and the app resolves it. It names the file
+and the version of the file it was issued for, and lives DOWNLOAD_URL_EXPIRES_SECONDS; it dies
+earlier when the file is deleted or replaced or the session ends, because the app checks all
+three whenever the link is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import uuid
+
+from cryptography.fernet import Fernet, InvalidToken
+from flask import current_app, url_for
+
+from app.errors import FileNotFound, StorageUnavailableError
+from app.services import chat_sessions
+from app.storage import (
+    Handover,
+    StorageUnavailable,
+    StoredObject,
+    current_storage,
+    session_prefix,
+)
+
+# Fernet tokens for these claims are about 200 characters; anything much longer is not one.
+MAX_TOKEN_LENGTH = 512
+
+
+@functools.lru_cache(maxsize=4)
+def _fernet(secret_key: str) -> Fernet:
+    key = hmac.new(secret_key.encode(), b"download-links", hashlib.sha256).digest()
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def link(session_uuid: uuid.UUID, stored: StoredObject) -> str:
+    """The download link for one stored file of a session."""
+    claims = {
+        "s": str(session_uuid),
+        "n": stored.key.rpartition("/")[2],
+        "v": stored.version,
+    }
+    token = _fernet(current_app.config["SECRET_KEY"]).encrypt(json.dumps(claims).encode())
+    return url_for("files.download", token=token.decode(), _external=True)
+
+
+def resolve(token: str) -> tuple[Handover, str]:
+    """How to hand over the file a link names, and its name; FileNotFound if the link is dead."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise FileNotFound()
+    config = current_app.config
+    try:
+        plain = _fernet(config["SECRET_KEY"]).decrypt(
+            token.encode(), ttl=config["DOWNLOAD_URL_EXPIRES_SECONDS"]
+        )
+        claims = json.loads(plain)
+        session_uuid, name, version = uuid.UUID(claims["s"]), claims["n"], claims["v"]
+    except (InvalidToken, ValueError, KeyError, TypeError):
+        raise FileNotFound() from None
+    if not chat_sessions.is_live(session_uuid):
+        raise FileNotFound()
+    storage = current_storage()
+    key = session_prefix(session_uuid) + name
+    try:
+        stored = storage.stat(key)
+    except StorageUnavailable as exc:
+        raise StorageUnavailableError() from exc
+    if stored is None or stored.version != version:
+        raise FileNotFound()
+    return storage.handover(key, name), name
