@@ -20,13 +20,16 @@ SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL"})
 # The time budget of one request (docs/decisions.md, "Time budget"). A request waits for at most
 # this many locks one after the other (a consent withdrawal: the session's row, its file lock,
 # its row again) and makes at most this many storage calls (an upload lists the folder, then
-# stores the file); its worst case must leave gunicorn this share of its timeout as a margin.
+# stores the file); only its first call to rate-limit counters in Redis can wait, since the
+# limiter counts in memory once Redis has failed. Its worst case must leave gunicorn this share
+# of its timeout as a margin.
 LOCK_WAITS_PER_REQUEST = 3
 STORAGE_CALLS_PER_REQUEST = 2
 BUDGET_SHARE_OF_WORKER_TIMEOUT = 0.8
 # botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
 S3_MAX_BACKOFF_SECONDS = 20
 BUDGET_VARIABLES = (
+    "RATELIMIT_STORAGE_TIMEOUT_SECONDS",
     "DATABASE_CONNECT_TIMEOUT_SECONDS",
     "DATABASE_LOCK_TIMEOUT_MS",
     "DATABASE_STATEMENT_TIMEOUT_MS",
@@ -129,6 +132,9 @@ class Config:
             "SESSION_RESOURCE_RATE_LIMIT", "60/minute", validate=_rate_limit
         )
         self.RATELIMIT_STORAGE_URI = text("RATELIMIT_STORAGE_URI", "memory://")
+        self.RATELIMIT_STORAGE_TIMEOUT_SECONDS = integer(
+            "RATELIMIT_STORAGE_TIMEOUT_SECONDS", 1, validate=AT_LEAST_ONE
+        )
         self.RATELIMIT_KEY_PREFIX = text("RATELIMIT_KEY_PREFIX", "session-api")
         # Retry-After goes only on 429 and 503 (the app sets it); X-RateLimit-* headers would
         # cost a counter read on every request for a client that never reads them.
@@ -282,7 +288,8 @@ class Config:
             "DATABASE_CONNECT_TIMEOUT_SECONDS + DATABASE_STATEMENT_TIMEOUT_MS + "
             f"{LOCK_WAITS_PER_REQUEST} x DATABASE_LOCK_TIMEOUT_MS; storage: "
             f"{STORAGE_CALLS_PER_REQUEST} x S3_MAX_ATTEMPTS x (S3_CONNECT_TIMEOUT_SECONDS + "
-            "S3_READ_TIMEOUT_SECONDS) plus retry back-off; mail: SMTP_TIMEOUT_SECONDS), more "
+            "S3_READ_TIMEOUT_SECONDS) plus retry back-off; mail: SMTP_TIMEOUT_SECONDS; rate-limit "
+            "counters in Redis: 2 x RATELIMIT_STORAGE_TIMEOUT_SECONDS), more "
             f"than {BUDGET_SHARE_OF_WORKER_TIMEOUT:.0%} of GUNICORN_TIMEOUT ({allowed:g} s): "
             "lower those timeouts or raise GUNICORN_TIMEOUT"
         ]
@@ -303,14 +310,28 @@ class Config:
             per_call = attempts * (self.S3_CONNECT_TIMEOUT_SECONDS + self.S3_READ_TIMEOUT_SECONDS)
             storage = STORAGE_CALLS_PER_REQUEST * (per_call + backoff)
         mail = self.SMTP_TIMEOUT_SECONDS if self.MAIL_BACKEND == "smtp" else 0
+        counters = 0
+        if self.RATELIMIT_STORAGE_URI.startswith(("redis", "rediss")):
+            # One call's connect and read; the limiter falls back to memory after a failure.
+            counters = 2 * self.RATELIMIT_STORAGE_TIMEOUT_SECONDS
         # A request sends mail or touches storage, never both (verify-email vs. the file calls).
-        return database + max(storage, mail)
+        return database + counters + max(storage, mail)
 
     def _derive(self) -> None:
         """Settings computed from the ones read."""
         # A per-process random key keeps development usable without a shared secret.
         self.SECRET_KEY = self.SECRET_KEY or secrets.token_hex(32)
         self.MAX_CONTENT_LENGTH = self.MAX_JSON_BODY_KB * 1024
+        # Rate limits must not become an outage: a Redis that does not answer in time is given up
+        # on (the request is allowed) and, until it is back, each process counts in memory.
+        self.RATELIMIT_SWALLOW_ERRORS = True
+        self.RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
+        if self.RATELIMIT_STORAGE_URI.startswith(("redis", "rediss")):
+            timeout = self.RATELIMIT_STORAGE_TIMEOUT_SECONDS
+            self.RATELIMIT_STORAGE_OPTIONS = {
+                "socket_connect_timeout": timeout,
+                "socket_timeout": timeout,
+            }
         self.SQLALCHEMY_ENGINE_OPTIONS = _engine_options(
             self.SQLALCHEMY_DATABASE_URI,
             statement_timeout_ms=self.DATABASE_STATEMENT_TIMEOUT_MS,

@@ -217,7 +217,8 @@ def handle_rate_limited(exc: RateLimited) -> Response:
 def handle_limiter_refusal(exc: RateLimitExceeded) -> Response:
     """flask-limiter's 429, answered like the app's own, with the limit's real reset."""
     current = limiter.current_limit
-    reset_at = current.reset_at if current is not None else time.time() + 1
+    # The window's own reset time: flask-limiter's reset_at adds a second for its headers.
+    reset_at = current.window.reset_time if current is not None else time.time() + 1
     return handle_rate_limited(
         RateLimited(limit=str(exc.limit.limit), retry_after=seconds_until(reset_at))
     )

@@ -4,7 +4,6 @@ import hashlib
 
 from flask_cors import CORS
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
@@ -12,6 +11,7 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase
 
+from app.privacy import client_key
 from app.schemas import ErrorSchema
 
 # Stable constraint names let Alembic alter or drop them on every backend.
@@ -40,7 +40,7 @@ class SessionApi(Api):
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 migrate = Migrate()
 # request.remote_addr is already the client address: ProxyFix rewrites it only for trusted proxies.
-limiter = Limiter(key_func=get_remote_address)
+limiter = Limiter(key_func=client_key)
 cors = CORS()
 api = SessionApi()
 

@@ -14,24 +14,27 @@ docs/decisions.md ("Rate limits") gives the reasoning behind the defaults.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import limits
 from flask import current_app, request
-from flask_limiter.util import get_remote_address
 
 from app.errors import RateLimited, seconds_until
 from app.extensions import limiter
-from app.privacy import keyed_hash
+from app.privacy import client_key, keyed_hash
 from app.services.chat_sessions import parse_uuid4
+
+log = logging.getLogger(__name__)
 
 NEW_SESSION_SCOPE = "new-session"
 
 
 @functools.lru_cache(maxsize=32)
 def _parsed(limit_text: str) -> list[limits.RateLimitItem]:
-    return limits.parse_many(limit_text)
+    """The limits of a limit string, shortest window first."""
+    return sorted(limits.parse_many(limit_text), key=lambda item: item.get_expiry())
 
 
 class NewSessionBudget:
@@ -43,21 +46,27 @@ class NewSessionBudget:
         self._limit_text = current_app.config["SESSION_RATE_LIMIT"]
 
     def spend(self) -> None:
-        """Count one new session; RateLimited if the budget was already used up."""
+        """Count one new session; RateLimited if the budget was already used up.
+
+        The limits are tried shortest window first and the first refusal stops the count, as
+        flask-limiter does: a refused request must not eat into the longer windows. If the
+        counters cannot be reached, the session is allowed: a limit is no reason for an outage.
+        """
         strategy = limiter.limiter
-        exhausted = [
-            item for item in _parsed(self._limit_text) if not strategy.hit(item, *self._identifiers)
-        ]
-        if exhausted:
-            reset_at = max(
-                strategy.get_window_stats(item, *self._identifiers).reset_time for item in exhausted
-            )
+        for item in _parsed(self._limit_text):
+            try:
+                if strategy.hit(item, *self._identifiers):
+                    continue
+                reset_at = strategy.get_window_stats(item, *self._identifiers).reset_time
+            except Exception:
+                log.warning("new-session budget not counted: rate-limit storage unavailable")
+                return
             raise RateLimited(limit=self._limit_text, retry_after=seconds_until(reset_at))
 
 
 def new_session_budget() -> NewSessionBudget:
     """The budget of the client making the current request."""
-    return NewSessionBudget(get_remote_address())
+    return NewSessionBudget(client_key())
 
 
 def _session_named_in_body() -> str:
@@ -71,7 +80,7 @@ def _session_named_in_body() -> str:
     named = body.get("uuid") if isinstance(body, dict) else None
     session_uuid = parse_uuid4(named) if isinstance(named, str) else None
     if session_uuid is None:
-        return f"no-session:{get_remote_address()}"
+        return f"no-session:{client_key()}"
     return f"session:{keyed_hash('resume-limit', str(session_uuid))[:32]}"
 
 

@@ -73,7 +73,10 @@ def postgres_url() -> Iterator[str]:
     name = f"session_service_test_{RUN_ID}_{os.getpid()}"
     _run_admin_statement(admin_url, f'CREATE DATABASE "{name}"')
     # The URL keeps the scheme the operator wrote (plain postgresql://): the app picks the driver.
-    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    # A new database needs the schema, even under a name an earlier session in this process used.
+    _migrated.discard(url)
+    yield url
     _run_admin_statement(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -145,10 +148,24 @@ def base_env(database_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
+# Apps built during the current test; their connection pools are closed when it ends.
+_built_apps: list[Flask] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connection_pools() -> Iterator[None]:
+    """Close every pool a test's apps opened: a long run must not pile up idle connections."""
+    yield
+    while _built_apps:
+        with _built_apps.pop().app_context():
+            db.engine.dispose()
+
+
 def build_app(database_url: str, **overrides: str) -> Flask:
     """An app on ``database_url`` with the schema migrated and every table empty."""
     app = create_app(base_env(database_url, **overrides))
     app.config["TESTING"] = True
+    _built_apps.append(app)
     with app.app_context():
         if database_url not in _migrated:
             upgrade()
@@ -175,11 +192,8 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def app(database_url: str) -> Iterator[Flask]:
-    application = build_app(database_url)
-    yield application
-    with application.app_context():
-        db.engine.dispose()
+def app(database_url: str) -> Flask:
+    return build_app(database_url)
 
 
 @pytest.fixture

@@ -373,8 +373,8 @@ def test_one_undeletable_file_stalls_no_erasure_job(
         proxy[0].fault = fail("DeleteObjects", stuck.encode())
         runner = app.test_cli_runner()
 
-        first = json.loads(runner.invoke(args=["cleanup", job]).output)
-        second = json.loads(runner.invoke(args=["cleanup", job]).output)
+        first = json.loads(runner.invoke(args=["cleanup", job]).stdout)
+        second = json.loads(runner.invoke(args=["cleanup", job]).stdout)
 
         erased = "sessions_purged" if job == "abandoned" else "sessions_erased"
         assert (first[erased], first["files_deleted"], first["errors"]) == (5, 4, 1)
@@ -393,9 +393,34 @@ def test_one_undeletable_file_stalls_no_erasure_job(
     proxy[0].fault = None
     app.config["ORPHAN_MIN_AGE_MINUTES"] = 0
     assert (
-        json.loads(app.test_cli_runner().invoke(args=["cleanup", "orphans"]).output)[
+        json.loads(app.test_cli_runner().invoke(args=["cleanup", "orphans"]).stdout)[
             "folders_deleted"
         ]
         == 1
     )
     assert stored(app) == []
+
+
+def test_a_session_whose_listing_times_out_stalls_no_purge(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_READ_TIMEOUT_SECONDS="1", S3_MAX_ATTEMPTS="1", **settings)
+    sessions = sorted(new_session_with_file(app) for _ in range(5))
+    stuck = sessions[0]  # first in line, so it is listed before the others
+    with app.app_context():
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
+        db.session.commit()
+
+    def hang_on_stuck(name: str, path: str, body: bytes) -> None:
+        if name == "ListObjectsV2" and stuck in path:
+            time.sleep(2)  # longer than the read timeout: the call times out
+        return
+
+    proxy[0].fault = hang_on_stuck
+    summary = json.loads(app.test_cli_runner().invoke(args=["cleanup", "abandoned"]).stdout)
+
+    assert (summary["sessions_purged"], summary["errors"]) == (4, 1)
+    assert [session for session in sessions if session_row(app, session)] == [stuck]
+    [problem] = audit_rows(app, "abandoned_purge_error")
+    assert str(problem.session_uuid) == stuck

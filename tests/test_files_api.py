@@ -24,7 +24,6 @@ from tests.conftest import (
     audit_rows,
     base_env,
     build_app,
-    s3_env,
     unreachable_s3_env,
 )
 from tests.servers import app_process
@@ -66,12 +65,8 @@ def stored_names(app: Flask, session_uuid: str) -> list[str]:
 
 
 def download(client: FlaskClient, url: str) -> bytes:
-    """Follow a download link: the app streams a local file, or redirects to S3 for seconds."""
+    """Follow a download link: the app streams the file, whatever the backend."""
     response = client.get(urlsplit(url).path)
-    if response.status_code == 302:
-        fetched = requests.get(response.headers["Location"], timeout=10)
-        assert fetched.status_code == 200
-        return fetched.content
     assert response.status_code == 200
     return response.data
 
@@ -311,17 +306,21 @@ def _decodable(token: str) -> str:
     return raw.decode("latin-1").lower() + raw.hex()
 
 
-def test_an_s3_link_redirects_to_a_url_that_lives_seconds(
-    database_url: str, s3_endpoint: str
+def test_following_a_link_shows_neither_the_session_nor_the_key(
+    files_client: FlaskClient,
 ) -> None:
-    app = build_app(database_url, **s3_env(s3_endpoint))
-    client = app.test_client()
-    url = upload(client, new_session(client)).get_json()["url"]
+    session_uuid = new_session(files_client)
+    url = upload(files_client, session_uuid).get_json()["url"]
 
-    redirected = client.get(urlsplit(url).path)
+    followed = files_client.get(urlsplit(url).path)
 
-    assert redirected.status_code == 302
-    assert "X-Amz-Expires=30&" in redirected.headers["Location"]
+    assert followed.status_code == 200
+    assert followed.data == PDF
+    assert "Location" not in followed.headers
+    headers = " ".join(f"{name}: {value}" for name, value in followed.headers).lower()
+    assert session_uuid not in headers
+    assert "uploads/" not in headers
+    assert "filename=cv.pdf" in followed.headers["Content-Disposition"]
 
 
 def test_a_link_dies_with_its_file_its_version_or_its_session(
@@ -356,7 +355,7 @@ def test_a_forged_or_expired_link_is_refused(
     session_uuid = new_session(client)
     url = upload(client, session_uuid).get_json()["url"]
     path = urlsplit(url).path
-    assert client.get(path).status_code in (200, 302)
+    assert client.get(path).status_code == 200
 
     forged = client.get(path[:-3] + "abc")
     assert forged.status_code == 404

@@ -10,6 +10,7 @@ documented schema.
 
 from __future__ import annotations
 
+import io
 import itertools
 from urllib.parse import quote
 
@@ -80,12 +81,11 @@ HOSTILE_TEXT = st.one_of(
     st.integers(1_000, 70_000).map(lambda size: "A" * size),
 )
 NESTED = st.integers(200, 30_000).map(lambda depth: "[" * depth + "]" * depth)
-# What every operation is sent: its JSON body's fields, its path parameters, X-Session-ID.
-SESSION = "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
+PDF = b"%PDF-1.4\n%%EOF\n"
 
 
-def _operations(app: Flask) -> list[tuple[str, str, list[str], list[str]]]:
-    """Each documented operation: method, path template, path parameters, JSON body fields."""
+def _operations(app: Flask) -> list[tuple[str, str, list[str], list[str], bool]]:
+    """Each operation: method, path template, path parameters, body fields, multipart or not."""
     document = app.test_client().get("/api/v1/openapi.json").get_json()
     schemas = document["components"]["schemas"]
     found = []
@@ -95,11 +95,27 @@ def _operations(app: Flask) -> list[tuple[str, str, list[str], list[str]]]:
                 continue
             parameters = operations.get("parameters", []) + operation.get("parameters", [])
             content = operation.get("requestBody", {}).get("content", {})
+            multipart = "multipart/form-data" in content
             body = content.get("application/json", content.get("multipart/form-data", {}))
             reference = body.get("schema", {}).get("$ref", "")
             fields = list(schemas.get(reference.rpartition("/")[2], {}).get("properties", {}))
-            found.append((method.upper(), path, [p["name"] for p in parameters], fields))
+            names = [p["name"] for p in parameters]
+            found.append((method.upper(), path, names, fields, multipart))
     return found
+
+
+def _targets(app: Flask) -> list[tuple[tuple[str, str, list[str], list[str], bool], str, str]]:
+    """Every place hostile input can go: each body field, path parameter, the session header,
+    and (for a JSON body) the body as a whole."""
+    targets = []
+    for operation in _operations(app):
+        _, _, parameters, fields, multipart = operation
+        targets += [(operation, "field", name) for name in fields]
+        targets += [(operation, "path", name) for name in parameters]
+        targets.append((operation, "header", "X-Session-ID"))
+        if fields and not multipart:
+            targets.append((operation, "body", ""))
+    return targets
 
 
 def test_every_operation_refuses_hostile_text_and_bodies_without_a_5xx(
@@ -108,46 +124,84 @@ def test_every_operation_refuses_hostile_text_and_bodies_without_a_5xx(
     # On both databases: PostgreSQL refuses a NUL that SQLite would store.
     app = build_app(database_url)
     client = app.test_client()
-    operations = _operations(app)
-    assert len(operations) >= 17
+    live = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+    valid = {
+        "uuid": live,
+        "session_uuid": live,
+        "consent_user_data": True,
+        "name": "Ada",
+        "email": "ada@example.org",
+        "code": "123456",
+        "filename": "cv.pdf",
+        "token": "x",
+    }
+    targets = _targets(app)
+    assert len({target[0][:2] for target in targets}) >= 17
 
-    @given(
-        operation=st.sampled_from(operations),
-        text=HOSTILE_TEXT,
-        nested=NESTED,
-        whole_body=st.booleans(),
-    )
+    @given(target=st.sampled_from(targets), text=HOSTILE_TEXT, nested=NESTED)
     @settings(
-        max_examples=300,
+        max_examples=400,
         derandomize=True,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
     )
     def exercise(
-        operation: tuple[str, str, list[str], list[str]], text: str, nested: str, whole_body: bool
+        target: tuple[tuple[str, str, list[str], list[str], bool], str, str],
+        text: str,
+        nested: str,
     ) -> None:
-        method, path, parameters, fields = operation
-        for name in parameters:
-            # A path cannot carry a lone surrogate; the rest of the text travels percent-encoded.
-            safe = text.encode("utf-8", "ignore").decode("utf-8") or "x"
-            path = path.replace("{" + name + "}", quote(safe, safe=""))
-        headers = {"Accept": "application/json; version=v1", "X-Session-ID": SESSION}
-        if whole_body or not fields:
+        (method, path, parameters, fields, multipart), where, name = target
+        headers = {"Accept": "application/json; version=v1", "X-Session-ID": live}
+        for parameter in parameters:
+            value = valid.get(parameter, live)
+            if where == "path" and parameter == name:
+                # A path cannot carry a lone surrogate; the rest travels percent-encoded.
+                value = _encodable(text)
+            path = path.replace("{" + parameter + "}", quote(value, safe=""))
+        if where == "header":
+            # Header values travel as Latin-1 on one line.
+            headers[name] = (
+                text.encode("latin-1", "ignore")
+                .decode("latin-1")
+                .replace("\r", "")
+                .replace("\n", "")
+            )
+        body = {field: valid.get(field) for field in fields}
+        if where == "field":
+            body[name] = text
+        if where == "body":
             response = client.open(
                 path,
                 method=method,
                 data=nested,
                 headers={**headers, "Content-Type": "application/json"},
             )
-        else:
+        elif multipart:
+            # A multipart body is bytes on the wire: it cannot carry a lone surrogate either.
+            form = {
+                key: _encodable(value) if isinstance(value, str) else value
+                for key, value in body.items()
+                if key != "file"
+            }
+            filename = _encodable(text) if where == "field" and name == "file" else "cv.pdf"
+            form["file"] = (io.BytesIO(PDF), filename)
             response = client.open(
-                path, method=method, json=dict.fromkeys(fields, text), headers=headers
+                path, method=method, data=form, headers=headers, content_type="multipart/form-data"
             )
-        assert response.status_code < 500, (method, path, response.get_data(as_text=True)[:300])
+        elif fields:
+            response = client.open(path, method=method, json=body, headers=headers)
+        else:
+            response = client.open(path, method=method, headers=headers)
+        assert response.status_code < 500, (method, path, where, name, response.get_data()[:300])
         if response.status_code >= 400:
-            body = response.get_json()
-            assert body["status"] == "error", body
-            assert body["message"], body
+            answer = response.get_json()
+            assert answer["status"] == "error", answer
+            assert answer["message"], answer
 
     exercise()
+
+
+def _encodable(text: str) -> str:
+    """``text`` without what UTF-8 cannot carry (lone surrogates), never empty."""
+    return text.encode("utf-8", "ignore").decode("utf-8") or "x"

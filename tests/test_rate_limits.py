@@ -7,9 +7,11 @@ one session is cut off too.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from tests.conftest import (
     smtp_env,
     smtp_server,
 )
-from tests.servers import gunicorn_process
+from tests.servers import free_port, gunicorn_process, hung_server
 
 ORIGIN = "http://localhost:3000"
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
@@ -263,17 +265,6 @@ def test_retry_after_is_only_on_429_and_503(database_url: str) -> None:
     assert [answer.headers["Retry-After"] for answer in answers[1:]] == ["5", "5"]
 
 
-def test_two_workers_sharing_redis_share_the_new_session_budget(
-    database_url: str, redis_url: str
-) -> None:
-    settings = {**AT_DEFAULT_LIMITS, "RATELIMIT_STORAGE_URI": redis_url}
-    workers = [build_app(database_url, **settings).test_client() for _ in range(2)]
-
-    statuses = [generate(workers[n % 2]) for n in range(11)]
-
-    assert statuses == [200] * 10 + [429]
-
-
 def test_withdrawing_through_persist_session_says_what_was_erased(database_url: str) -> None:
     app = build_app(database_url, STORAGE_LOCAL_ROOT=tempfile.mkdtemp(prefix="files-"))
     client = app.test_client()
@@ -308,3 +299,63 @@ def test_invalid_uuids_share_one_budget_per_client(app_at_defaults: Flask) -> No
 
     assert verdicts == [(200, "invalid")] * 60 + [(429, "rate_limited")]
     assert len(audit_rows(app_at_defaults, "uuid_invalid")) == 60
+
+
+@pytest.mark.parametrize("redis_state", ["refusing", "hung"])
+def test_counters_that_cannot_be_reached_cost_a_second_not_the_service(
+    database_url: str, redis_state: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        port = free_port() if redis_state == "refusing" else stack.enter_context(hung_server())
+        app = build_app(
+            database_url, **AT_DEFAULT_LIMITS, RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{port}/0"
+        )
+        client = app.test_client()
+        started = time.monotonic()
+
+        issued = client.post("/api/v1/generate-uuid", headers=JSON_HEADERS)
+        resumed = validate(client, issued.get_json()["uuid"])
+        elapsed = time.monotonic() - started
+
+    assert issued.status_code == 200
+    assert resumed == (200, "success")
+    assert elapsed < 5, "one bounded wait, then the limits count in memory"
+
+
+def test_an_ipv6_subscriber_is_one_client(database_url: str) -> None:
+    app = build_app(database_url, **AT_DEFAULT_LIMITS, TRUSTED_PROXY_COUNT="1")
+    client = app.test_client()
+
+    def from_address(address: str) -> int:
+        return client.post(
+            "/api/v1/generate-uuid", headers={**JSON_HEADERS, "X-Forwarded-For": address}
+        ).status_code
+
+    same_subscriber = [from_address(f"2001:db8:0:1::{n:x}") for n in range(11)]
+    next_subscriber = from_address("2001:db8:0:2::1")
+
+    assert same_subscriber == [200] * 10 + [429]
+    assert next_subscriber == 200
+
+
+def test_a_refusal_does_not_eat_into_the_longer_windows(database_url: str) -> None:
+    client = build_app(database_url, SESSION_RATE_LIMIT="2/second;3/hour").test_client()
+
+    statuses = [generate(client) for _ in range(4)]
+    time.sleep(1.1)
+    after_a_second = generate(client)
+
+    assert statuses == [200, 200, 429, 429]
+    assert after_a_second == 200, "only two of the hour's three were spent"
+
+
+def test_retry_after_is_the_time_left_in_the_window(database_url: str) -> None:
+    client = build_app(database_url, EMAIL_RATE_LIMIT="1/minute").test_client()
+    body = {"email": "someone@example.org"}
+    headers = {**JSON_HEADERS, "X-Session-ID": str(uuid.uuid4())}
+
+    client.post("/api/v1/email-verification/verify-email", json=body, headers=headers)
+    refused = client.post("/api/v1/email-verification/verify-email", json=body, headers=headers)
+
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60

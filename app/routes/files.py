@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import current_app, redirect, request, send_file
+from flask import current_app, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
@@ -22,7 +22,6 @@ from app.schemas import (
     UploadSchema,
 )
 from app.services import download_links, files
-from app.storage import Redirect
 
 files_bp = ApiBlueprint(
     "files", __name__, url_prefix="/api/v1", description="PDF files tied to a session."
@@ -117,17 +116,12 @@ def list_files(session_uuid: uuid.UUID) -> dict[str, Any]:
 @files_bp.route("/files/<token>", methods=["GET"])
 @limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
 @files_bp.response(200, content_type="application/pdf", description="The file, as an attachment")
-@files_bp.alt_response(
-    302, description="Redirect to the file in object storage, through a URL valid for seconds"
-)
 @files_bp.alt_response(404, response="NOT_FOUND")
 @files_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 @files_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def download(token: str) -> Response:
     """Download a file through its link; the link names neither the session nor the file's key."""
-    handover, name = download_links.resolve(token)
-    if isinstance(handover, Redirect):
-        return redirect(handover.url, code=302)
+    content, name = download_links.resolve(token)
     return send_file(
-        handover.path, mimetype=files.PDF_CONTENT_TYPE, as_attachment=True, download_name=name
+        content, mimetype=files.PDF_CONTENT_TYPE, as_attachment=True, download_name=name
     )

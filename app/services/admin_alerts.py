@@ -142,7 +142,8 @@ def _report_exception(exc: BaseException, status: int | None) -> None:
                 "Status": str(status),
                 "Correlation ID": current_correlation_id(),
                 "Session UUID": str(session_uuid) if session_uuid else "unknown",
-                "Request": f"{request.method} {request.path}",
+                # The route, not the path: a path can carry a download link's token.
+                "Request": f"{request.method} {request.url_rule.rule if request.url_rule else '?'}",
             }
         )
     current_alerts().send(

@@ -3,10 +3,11 @@
 A session's UUID is its only credential, so a link that showed it (or the storage key that
 contains it) would hand the whole session to whoever received the link. A link is therefore
 ``/api/v1/files/<token>``, where the token is encrypted (Fernet: AES with an HMAC, keyed from
-SECRET_KEY): it reveals nothing without the key, and the app resolves it. It names the file
-and the version of the file it was issued for, and lives DOWNLOAD_URL_EXPIRES_SECONDS; it dies
-earlier when the file is deleted or replaced or the session ends, because the app checks all
-three whenever the link is used.
+SECRET_KEY): it reveals nothing without the key, and the app resolves it and streams the file
+itself, on both backends (a redirect to object storage would show the key, and so the
+session, to whoever follows it). It names the file and the version of the file it was issued
+for, and lives DOWNLOAD_URL_EXPIRES_SECONDS; it dies earlier when the file is deleted or
+replaced or the session ends, because the app checks all three whenever the link is used.
 """
 
 from __future__ import annotations
@@ -17,19 +18,14 @@ import hashlib
 import hmac
 import json
 import uuid
+from typing import BinaryIO
 
 from cryptography.fernet import Fernet, InvalidToken
 from flask import current_app, url_for
 
 from app.errors import FileNotFound, StorageUnavailableError
 from app.services import chat_sessions
-from app.storage import (
-    Handover,
-    StorageUnavailable,
-    StoredObject,
-    current_storage,
-    session_prefix,
-)
+from app.storage import StorageUnavailable, StoredObject, current_storage, session_prefix
 
 # Fernet tokens for these claims are about 200 characters; anything much longer is not one.
 MAX_TOKEN_LENGTH = 512
@@ -52,8 +48,8 @@ def link(session_uuid: uuid.UUID, stored: StoredObject) -> str:
     return url_for("files.download", token=token.decode(), _external=True)
 
 
-def resolve(token: str) -> tuple[Handover, str]:
-    """How to hand over the file a link names, and its name; FileNotFound if the link is dead."""
+def resolve(token: str) -> tuple[BinaryIO, str]:
+    """The content of the file a link names, and its name; FileNotFound if the link is dead."""
     if len(token) > MAX_TOKEN_LENGTH:
         raise FileNotFound()
     config = current_app.config
@@ -67,12 +63,14 @@ def resolve(token: str) -> tuple[Handover, str]:
         raise FileNotFound() from None
     if not chat_sessions.is_live(session_uuid):
         raise FileNotFound()
-    storage = current_storage()
-    key = session_prefix(session_uuid) + name
     try:
-        stored = storage.stat(key)
+        found = current_storage().read(session_prefix(session_uuid) + name)
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
-    if stored is None or stored.version != version:
+    if found is None:
         raise FileNotFound()
-    return storage.handover(key, name), name
+    stored, content = found
+    if stored.version != version:
+        content.close()
+        raise FileNotFound()
+    return content, name

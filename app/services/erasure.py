@@ -14,7 +14,7 @@ from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.models import ChatSession, ConsentEvent, EmailSend, RetiredSessionUUID, RetirementReason
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM, AuditContext
-from app.storage import StorageUnavailable, current_storage, session_objects
+from app.storage import Storage, StorageUnavailable, current_storage, session_objects
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def erase_sessions(
             keys[session_uuid] = [o.key for o in session_objects(storage, session_uuid)]
         except StorageUnavailable as exc:
             problem = f"files could not be listed ({exc.reason})"
-            if exc.reason != "unreachable":
+            if exc.reason != "unreachable" or _storage_answers(storage):
                 result.skipped[session_uuid] = problem
                 continue
-            # Storage is not answering: every further listing would wait out its timeout.
+            # Storage is not answering at all: every further listing would wait out its timeout.
             result.skipped.update(dict.fromkeys(held[position:], problem))
             break
     erased = _delete_rows(list(keys), still_eligible, reason, keys, context)
@@ -132,6 +132,15 @@ def report_problems(job: str, event_type: str, problems: dict[uuid.UUID, str]) -
     log.error("%s: %d session(s) not finished", job, len(problems))
     first = next(iter(problems.values()))
     admin_alerts.report_job_error(job, f"{len(problems)} session(s) not finished, e.g. {first}")
+
+
+def _storage_answers(storage: Storage) -> bool:
+    """Whether storage answers at all, after one of its calls did not."""
+    try:
+        storage.check()
+    except StorageUnavailable:
+        return False
+    return True
 
 
 def _hold_files(session_uuids: list[uuid.UUID], *, wait: bool) -> list[uuid.UUID]:

@@ -14,6 +14,7 @@ from app.clock import utcnow
 from app.extensions import db, limiter
 from app.middleware import request_audit_context
 from app.models import AuditEvent
+from app.privacy import client_key
 from app.services import audit
 from app.services.admin_alerts import Alert, current_alerts
 from app.services.audit import AuditContext
@@ -42,20 +43,21 @@ def watch_failed_codes(context: AuditContext, session_uuid: uuid.UUID) -> None:
 def on_rate_limited(limit: str) -> None:
     """A request was refused by a rate limit: count it, and tell the database only of bursts.
 
-    A flood of refusals must not become a flood of writes. Refusals are counted per client
-    network and window in the rate limiter's own storage (Redis when configured, so shared by
-    every worker). The first refusal of a window is audited (``rate_limited``, with the limit),
-    and so is the one that makes it a burst (``rate_limit_burst``), which is also notified: at
-    most two rows per client per window, however many requests are refused.
+    A flood of refusals must not become a flood of writes. Refusals are counted per client (as
+    the limits count it) and window in the rate limiter's own storage (Redis when configured, so
+    shared by every worker). The first refusal of a window is audited (``rate_limited``, with the
+    limit), and so is the one that makes it a burst (``rate_limit_burst``), which is also
+    notified: at most two rows per client per window, however many requests are refused.
     """
     context = request_audit_context()
-    client = context.client_ip or "unknown"
     config = current_app.config
     window = timedelta(minutes=config["SUSPICIOUS_WINDOW_MINUTES"])
     threshold = config["SUSPICIOUS_RATE_LIMIT_HITS"]
     try:
-        refusals = limiter.storage.incr(
-            f"{config['RATELIMIT_KEY_PREFIX']}/refusals/{client}", int(window.total_seconds())
+        # The limiter's current storage: its in-memory fallback while Redis is failing.
+        refusals = limiter.limiter.storage.incr(
+            f"{config['RATELIMIT_KEY_PREFIX']}/refusals/{client_key()}",
+            int(window.total_seconds()),
         )
     except Exception:
         # The 429 must still go out when the counters' storage is the thing that is down.
@@ -73,7 +75,7 @@ def on_rate_limited(limit: str) -> None:
         db.session.rollback()
         log.warning("rate-limit refusal not audited", exc_info=True)
     if refusals == threshold:
-        _notify(f"{refusals} rate-limit refusals", f"IP {client}", window, RATE_LIMITED)
+        _notify(f"{refusals} rate-limit refusals", f"IP {context.client_ip}", window, RATE_LIMITED)
 
 
 def _failed_codes_burst(

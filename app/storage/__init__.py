@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from flask import Flask, current_app
@@ -41,23 +40,6 @@ class StoredObject:
     version: str
 
 
-@dataclass(frozen=True)
-class Redirect:
-    """Hand the object over by sending the client to a URL that serves it, briefly."""
-
-    url: str
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """Hand the object over by streaming this file."""
-
-    path: Path
-
-
-Handover = Redirect | LocalFile
-
-
 class Storage(Protocol):
     """What the service needs from object storage."""
 
@@ -69,16 +51,12 @@ class Storage(Protocol):
         """Store ``body`` at ``key`` atomically: readers see the old object or the whole new one."""
         ...
 
-    def stat(self, key: str) -> StoredObject | None:
-        """The object at ``key``, or None if there is none."""
+    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
+        """The object at ``key`` and a stream of its content, or None if there is none."""
         ...
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         """Delete ``keys``; returns the keys that could not be deleted, with the reason."""
-        ...
-
-    def handover(self, key: str, filename: str) -> Handover:
-        """How to give the object at ``key`` to a client, as an attachment named ``filename``."""
         ...
 
     def check(self) -> None:

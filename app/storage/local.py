@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage import BATCH_SIZE, LocalFile, StorageUnavailable, StoredObject
+from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
 
 
 class LocalStorage:
-    """Keys are paths below ``root``; the app streams a file itself when it is downloaded."""
+    """Keys are paths below ``root``."""
 
     def __init__(self, root: str) -> None:
         self.root = Path(root).resolve()
@@ -80,9 +80,12 @@ class LocalStorage:
             raise StorageUnavailable("stored file vanished at once")
         return stored
 
-    def stat(self, key: str) -> StoredObject | None:
+    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
         try:
-            return self._stat(key)
+            stored = self._stat(key)
+            return None if stored is None else (stored, self._path(key).open("rb"))
+        except FileNotFoundError:
+            return None  # deleted between the two calls
         except OSError as exc:
             raise StorageUnavailable(f"reading failed: {_reason(exc)}") from None
 
@@ -127,9 +130,6 @@ class LocalStorage:
             except OSError:
                 return
             directory = directory.parent
-
-    def handover(self, key: str, filename: str) -> LocalFile:
-        return LocalFile(self._path(key))
 
     def check(self) -> None:
         try:

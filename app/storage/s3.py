@@ -11,10 +11,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import BATCH_SIZE, Redirect, StorageUnavailable, StoredObject
-
-# Lifetime of the presigned URL a download link redirects to.
-HANDOVER_SECONDS = 30
+from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
 
 
 class S3Storage:
@@ -72,9 +69,9 @@ class S3Storage:
             ) from None
         return StoredObject(key, size, datetime.now(UTC), stored["ETag"])
 
-    def stat(self, key: str) -> StoredObject | None:
+    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
         try:
-            found = self._client.head_object(Bucket=self.bucket, Key=key)
+            found = self._client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchKey"):
                 return None
@@ -85,7 +82,8 @@ class S3Storage:
             raise StorageUnavailable(
                 f"reading failed: {_reason(exc)}", reason=_classify(exc)
             ) from None
-        return StoredObject(key, found["ContentLength"], found["LastModified"], found["ETag"])
+        stored = StoredObject(key, found["ContentLength"], found["LastModified"], found["ETag"])
+        return stored, found["Body"]
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -103,20 +101,6 @@ class S3Storage:
             for error in response.get("Errors", []):
                 failed[error["Key"]] = str(error.get("Code"))
         return failed
-
-    def handover(self, key: str, filename: str) -> Redirect:
-        # The presigned URL names the key (and so the session): it lives only long enough for
-        # the client to follow the redirect to it.
-        url: str = self._client.generate_presigned_url(
-            "get_object",
-            Params={
-                "Bucket": self.bucket,
-                "Key": key,
-                "ResponseContentDisposition": f'attachment; filename="{filename}"',
-            },
-            ExpiresIn=HANDOVER_SECONDS,
-        )
-        return Redirect(url)
 
     def check(self) -> None:
         try:
