@@ -136,6 +136,8 @@ class Config:
             "RATELIMIT_STORAGE_TIMEOUT_SECONDS", 1, validate=AT_LEAST_ONE
         )
         self.RATELIMIT_KEY_PREFIX = text("RATELIMIT_KEY_PREFIX", "session-api")
+        # "10/minute" means any 60 seconds: a fixed window would let 20 through across its edge.
+        self.RATELIMIT_STRATEGY = "moving-window"
         # Retry-After goes only on 429 and 503 (the app sets it); X-RateLimit-* headers would
         # cost a counter read on every request for a client that never reads them.
         self.RATELIMIT_HEADERS_ENABLED = False

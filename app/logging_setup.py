@@ -53,6 +53,25 @@ class RedactingJsonFormatter(JsonFormatter):
         }
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    A handler that kept the stream it was created with would write into a closed file once
+    that stream is swapped out (as click's test runner and gunicorn's log reopening do).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        return
+
+
 class RecentProblems(logging.Handler):
     """Keeps the last warnings and errors of this process, for admin notifications."""
 
@@ -72,7 +91,7 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     if not any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(RedactingJsonFormatter())
         root.addHandler(handler)

@@ -20,6 +20,7 @@ from typing import Any
 
 import limits
 from flask import current_app, request
+from werkzeug.exceptions import HTTPException
 
 from app.errors import RateLimited, seconds_until
 from app.extensions import limiter
@@ -29,6 +30,8 @@ from app.services.chat_sessions import parse_uuid4
 log = logging.getLogger(__name__)
 
 NEW_SESSION_SCOPE = "new-session"
+
+RouteDecorator = Callable[[Callable[..., Any]], Any]
 
 
 @functools.lru_cache(maxsize=32)
@@ -76,7 +79,12 @@ def _session_named_in_body() -> str:
     A body that names no UUID v4 counts against its client address instead: every invalid
     verdict is audited, so invalid UUIDs share one budget rather than one each.
     """
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except HTTPException:
+        # A body too large to read: the view answers 413. Raising here would make the limiter
+        # take its storage for dead and count in process memory for a while.
+        body = None
     named = body.get("uuid") if isinstance(body, dict) else None
     session_uuid = parse_uuid4(named) if isinstance(named, str) else None
     if session_uuid is None:
@@ -89,14 +97,17 @@ def _not_for_preflights() -> bool:
     return request.method == "OPTIONS"
 
 
-def limited_per_ip(config_key: str) -> Callable[[Callable[..., Any]], Any]:
+# The two decorator factories below run once, when the routes are imported, before a mutation
+# test can switch anything on: `make mutate` leaves them alone, and the limits they set are
+# exercised through the routes (tests/test_rate_limits.py).
+def limited_per_ip(config_key: str) -> RouteDecorator:  # pragma: no mutate block
     """Limit a route per client IP by the limit string in ``app.config[config_key]``."""
     return limiter.limit(
         lambda: str(current_app.config[config_key]), exempt_when=_not_for_preflights
     )
 
 
-def limited_as_resume(view: Callable[..., Any]) -> Any:
+def limited_as_resume(view: Callable[..., Any]) -> Any:  # pragma: no mutate block
     """validate-uuid's limits: per session named, and a ceiling per client IP."""
     per_ip = limited_per_ip("RESUME_IP_RATE_LIMIT")
     per_session = limiter.limit(

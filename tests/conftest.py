@@ -46,6 +46,13 @@ from tests.servers import PROJECT_ROOT, VENV_BIN
 RUN_ID = uuid.uuid4().hex[:10]
 RATE_LIMIT_PREFIX = f"test-{RUN_ID}"
 JSON_HEADERS = {"Accept": "application/json; version=v1", "Content-Type": "application/json"}
+# The contract's fixed texts, word for word (CONTRACT.md, section 1). Tests compare answers with
+# these, never with the app's own constants, so a rewording in the app fails them.
+SESSION_RESET = "Your session has been reset due to a technical issue. Please start again."
+GENERAL_ERROR = (
+    "The system has encountered an error, which has been notified to the administrator to "
+    "investigate. Please try again later."
+)
 TEST_SECRET_KEY = "test-secret-key"
 
 

@@ -16,8 +16,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.servers import serving_in_thread
 
-# (operation, path, body) -> None to forward, or (status, body) to answer instead.
+# (operation, path, body) -> None to forward, (status, body) to answer instead, or DROP.
 FaultRule = Callable[[str, str, bytes], tuple[int, bytes] | None]
+
+# A fault answer that closes the connection unanswered, as storage that has gone away does.
+DROP = (0, b"")
 
 
 def operation(method: str, path: str) -> str:
@@ -84,6 +87,9 @@ class S3Proxy:
                 with proxy._lock:
                     proxy.counts[name] += 1
                 answer = proxy.fault(name, self.path, body) if proxy.fault else None
+                if answer == DROP:
+                    self.close_connection = True
+                    return
                 if answer is not None:
                     status, payload = answer
                     self.send_response(status)

@@ -144,8 +144,8 @@ def test_the_cli_and_the_schedule(database_url: str) -> None:
     dry = app.test_cli_runner().invoke(args=["cleanup", "abandoned", "--dry-run"])
     real = app.test_cli_runner().invoke(args=["cleanup", "abandoned"])
 
-    assert json.loads(dry.output)["sessions_purged"] == 1
-    assert json.loads(real.output)["sessions_purged"] == 1
+    assert json.loads(dry.stdout)["sessions_purged"] == 1
+    assert json.loads(real.stdout)["sessions_purged"] == 1
     assert session_row(app, idle) is None
     scheduled = build_app(database_url, SCHEDULER_ENABLED="true")
     try:

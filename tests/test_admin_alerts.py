@@ -14,12 +14,13 @@ from pathlib import Path
 
 from flask import Flask
 
-from app.messages import GENERAL_ERROR
 from tests.conftest import (
+    GENERAL_ERROR,
     JSON_HEADERS,
     audit_rows,
     base_env,
     build_app,
+    code_in,
     json_lines,
     smtp_env,
     smtp_server,
@@ -122,6 +123,35 @@ def test_a_burst_of_failed_codes_is_notified_once(database_url: str) -> None:
         [alert] = inbox.to(ADMIN)
         assert "Suspicious activity" in alert["Subject"]
         assert "IP 127.0.0.0" in alert["Subject"]
+
+
+def test_without_a_client_address_a_burst_on_one_session_is_notified_with_it(
+    database_url: str,
+) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            database_url, ADMIN_EMAIL=ADMIN, SUSPICIOUS_FAILED_CODES="3", **smtp_env(port)
+        )
+        # Behind a proxy on a unix socket with no forwarded address, requests carry no IP.
+        client = app.test_client()
+        client.environ_base["REMOTE_ADDR"] = ""
+        session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+        headers = {**JSON_HEADERS, "X-Session-ID": session_uuid}
+        client.post(
+            "/api/v1/email-verification/verify-email",
+            json={"email": "someone@example.org"},
+            headers=headers,
+        )
+        code = code_in(inbox.to("someone@example.org")[0])
+        wrong = f"{(int(code) + 1) % 10**6:06d}"
+        for _ in range(3):
+            client.post(
+                "/api/v1/email-verification/verify-code", json={"code": wrong}, headers=headers
+            )
+
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+        [alert] = inbox.to(ADMIN)
+        assert f"session {session_uuid}" in alert["Subject"]
 
 
 def test_a_burst_of_rate_limit_hits_is_audited_and_notified(database_url: str) -> None:
@@ -290,10 +320,13 @@ def test_a_worker_crash_and_a_worker_timeout_reach_the_admin(
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(stuck, signal.SIGCONT)
-    [abort_line] = [
+    # The aborted worker logs where it was; so may the stuck one, once it runs again.
+    abort_lines = [
         line for line in json_lines(log.read_text()) if line["message"] == "worker timed out"
     ]
-    assert any("MainThread" in name for name in abort_line["threads"])  # type: ignore[union-attr]
+    assert abort_lines
+    for line in abort_lines:
+        assert any("MainThread" in name for name in line["threads"])  # type: ignore[union-attr]
 
 
 def test_a_notification_that_could_not_be_sent_does_not_silence_the_next(

@@ -250,9 +250,9 @@ def test_retention_cli_and_audit_cli(app: Flask, client: FlaskClient) -> None:
     shown = app.test_cli_runner().invoke(args=["audit", "show", ada])
     missing = app.test_cli_runner().invoke(args=["audit", "show", str(uuid.uuid4())])
 
-    assert json.loads(dry.output)["dry_run"] is True
+    assert json.loads(dry.stdout)["dry_run"] is True
     assert shown.exit_code == 0
-    lines = shown.output.strip().splitlines()
+    lines = shown.stdout.strip().splitlines()
     assert "uuid_generated" in lines[0]
     assert "consent_granted" in lines[1]
     assert "ada@example.org" not in shown.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
 import time
@@ -13,9 +14,10 @@ from datetime import timedelta
 
 import pytest
 import requests
+import time_machine
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app import create_app
 from app.clock import utcnow
@@ -109,6 +111,10 @@ def test_the_code_from_the_mail_completes_the_session(
     html = message.get_body(preferencelist=("html",)).get_content()
     assert "10 minutes" in plain
     assert "10 minutes" in html
+    assert message["From"] == "verify@chat.example"
+    assert message["Subject"] == "Your Chat Assistant verification code"
+    assert "Chat Assistant" in plain
+    assert "Chat Assistant" in html
     code = code_in(message)
     assert code in html
 
@@ -432,6 +438,49 @@ def test_a_failed_send_keeps_the_code_already_sent_and_counts_for_nothing(
     assert outcome(call(client, "verify-code", session_uuid, {"code": code}))[2] == "CHAT_READY"
 
 
+def verification_fields(app: Flask, session_uuid: str) -> tuple[object, ...]:
+    row = session_row(app, session_uuid)
+    assert row is not None
+    return (
+        row.email,
+        row.email_verified,
+        row.state,
+        row.completed_at,
+        row.verification_code_hash,
+        row.verification_code_expires_at,
+        row.verification_attempts_left,
+    )
+
+
+def test_a_failed_send_to_a_new_address_leaves_the_session_as_it_was(database_url: str) -> None:
+    port = free_port()
+    app = build_app(database_url, EMAIL_SEND_COOLDOWN_SECONDS="0", **smtp_env(port))
+    client = app.test_client()
+    session_uuid = new_session(client)
+    with smtp_server(port) as (_, inbox):
+        call(client, "verify-email", session_uuid, {"email": ADDRESS})
+        code = code_in(inbox.messages[0])
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    call(client, "verify-code", session_uuid, {"code": wrong})
+    with_a_code = verification_fields(app, session_uuid)
+
+    to_new_address = call(client, "verify-email", session_uuid, {"email": "other@example.org"})
+
+    assert outcome(to_new_address) == ("error", "mail_unavailable", "EMAIL_INPUT")
+    assert verification_fields(app, session_uuid) == with_a_code
+    assert call(client, "verify-code", session_uuid, {"code": wrong}).get_json()["error"] == (
+        "That code is not right. 1 attempt left."
+    )
+    assert outcome(call(client, "verify-code", session_uuid, {"code": code}))[2] == "CHAT_READY"
+    verified = verification_fields(app, session_uuid)
+
+    again = call(client, "verify-email", session_uuid, {"email": "other@example.org"})
+
+    assert outcome(again) == ("error", "mail_unavailable", "EMAIL_INPUT")
+    assert verification_fields(app, session_uuid) == verified
+    assert verified[:3] == (STORED_ADDRESS, True, SessionState.VERIFIED)
+
+
 def test_a_refused_send_is_undone_without_waiting_for_a_held_session(postgres_url: str) -> None:
     # PostgreSQL only: row locks. SQLite holds one write lock for the whole database.
     database_url = postgres_url
@@ -495,3 +544,142 @@ def test_a_process_killed_while_sending_leaves_a_send_that_stops_counting(
 def _sends(app: Flask) -> list[bool]:
     with app.app_context():
         return [send.delivered for send in db.session.query(EmailSend).order_by(EmailSend.id)]
+
+
+def test_every_outcome_tells_the_user_in_the_documented_words(
+    database_url: str, mail_server: tuple[int, Inbox]
+) -> None:
+    """The sentences docs/frontend.md lists, word for word: the frontend shows them as they are."""
+    port, inbox = mail_server
+    client = build_app(database_url, **smtp_env(port)).test_client()
+    mail_down = build_app(database_url, **smtp_env(free_port())).test_client()
+    said: list[tuple[str, str | None, str, str]] = []
+
+    def say(step: str, session_uuid: str, body: dict[str, str], via: FlaskClient = client) -> None:
+        answer = call(via, step, session_uuid, body)
+        status, code, screen = outcome(answer)
+        said.append((status, code, answer.get_json()["message"], screen))
+
+    first, second, third, fourth = (new_session(client) for _ in range(4))
+    start = utcnow()
+    with time_machine.travel(start, tick=False):
+        say("resend-code", first, {})
+        say("verify-code", first, {"code": "123456"})
+        say("verify-email", first, {"email": "not an address"})
+        say("verify-email", first, {"email": "jane@example.org"}, via=mail_down)
+        say("verify-email", first, {"email": "jane@example.org"})
+        say("resend-code", first, {})
+        code = code_in(inbox.to("jane@example.org")[0])
+        wrong = f"{(int(code) + 1) % 10**6:06d}"
+        for malformed in ("12345", "1234567", "12345a"):
+            say("verify-code", first, {"code": malformed})
+        for _ in range(3):
+            say("verify-code", first, {"code": wrong})
+        say("verify-code", first, {"code": code})
+    for minutes in (1, 2, 3):
+        with time_machine.travel(start + timedelta(minutes=minutes), tick=False):
+            say("resend-code", first, {})
+    with time_machine.travel(start + timedelta(minutes=4), tick=False):
+        say("verify-email", second, {"email": "jane@Example.org"})
+        say("verify-code", second, {"code": code_in(inbox.to("jane@example.org")[-1])})
+        say("verify-email", second, {"email": "jane@Example.org"})
+        say("verify-email", third, {"email": "jane@EXAMPLE.ORG"})
+        say("verify-email", fourth, {"email": "jane@EXAMPLE.org"})
+    with time_machine.travel(start + timedelta(minutes=14), tick=False):
+        say("verify-code", third, {"code": code_in(inbox.to("jane@example.org")[-1])})
+
+    sent = ("success", None, "We sent a 6-digit code to j***@e***.org.", "CODE_INPUT")
+    not_right = "That code is not right. {} left."
+    new_code = "Please request a new one."
+    assert said == [
+        ("error", "no_email", "Please enter your e-mail address first.", "EMAIL_INPUT"),
+        ("error", "no_code", "Please enter your e-mail address first.", "EMAIL_INPUT"),
+        ("error", "invalid_email", "Please enter a valid e-mail address.", "EMAIL_INPUT"),
+        (
+            "error",
+            "mail_unavailable",
+            "We could not send the e-mail just now. Please try again in a few minutes.",
+            "EMAIL_INPUT",
+        ),
+        sent,
+        (
+            "error",
+            "cooldown",
+            "A code was sent moments ago. Please wait 30 seconds before asking again.",
+            "CODE_INPUT",
+        ),
+        *[("error", "invalid_code", "Please enter the 6-digit code.", "CODE_INPUT")] * 3,
+        ("error", "invalid_code", not_right.format("2 attempts"), "CODE_INPUT"),
+        ("error", "invalid_code", not_right.format("1 attempt"), "CODE_INPUT"),
+        (
+            "error",
+            "too_many_attempts",
+            "Too many wrong codes. Please request a new code.",
+            "CODE_INPUT",
+        ),
+        ("error", "no_code", f"There is no valid code. {new_code}", "CODE_INPUT"),
+        sent,
+        sent,
+        (
+            "error",
+            "hourly_limit",
+            "Too many codes were requested for this session. Please try again in an hour.",
+            "CODE_INPUT",
+        ),
+        sent,
+        ("success", None, "Your e-mail address is verified.", "CHAT_READY"),
+        ("success", None, "Your e-mail address is verified.", "CHAT_READY"),
+        sent,
+        (
+            "error",
+            "address_daily_limit",
+            "Too many codes were sent to this address today. Please try again tomorrow.",
+            "EMAIL_INPUT",
+        ),
+        ("error", "code_expired", f"This code has expired. {new_code}", "CODE_INPUT"),
+    ]
+
+
+def test_codes_are_drawn_from_all_six_digit_numbers(database_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        client = build_app(
+            database_url,
+            EMAIL_SEND_COOLDOWN_SECONDS="0",
+            EMAIL_SENDS_PER_SESSION_PER_HOUR="30",
+            EMAIL_SENDS_PER_ADDRESS_PER_DAY="30",
+            **smtp_env(port),
+        ).test_client()
+        session_uuid = new_session(client)
+        call(client, "verify-email", session_uuid, {"email": ADDRESS})
+        for _ in range(19):
+            assert outcome(call(client, "resend-code", session_uuid, {}))[0] == "success"
+        codes = [int(code_in(message)) for message in inbox.messages]
+
+    # Uniform over a million values, twenty draws all below 100000 happen once in 10**20.
+    assert len(codes) == 20
+    assert max(codes) >= 100_000
+    assert len(set(codes)) >= 18
+
+
+@pytest.mark.parametrize("secret_key", ["k" * 40, "a different key, as another deployment has"])
+def test_codes_and_addresses_are_kept_only_as_hmacs_under_the_secret_key(
+    database_url: str, mail_server: tuple[int, Inbox], secret_key: str
+) -> None:
+    port, inbox = mail_server
+    app = build_app(database_url, SECRET_KEY=secret_key, **smtp_env(port))
+    client = app.test_client()
+    session_uuid = new_session(client)
+    call(client, "verify-email", session_uuid, {"email": ADDRESS})
+    code = code_in(inbox.messages[0])
+
+    def keyed(message: str) -> str:
+        return hmac.new(secret_key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+    row = session_row(app, session_uuid)
+    assert row is not None
+    # Bound to the session, so one code's hash says nothing about another session's.
+    assert row.verification_code_hash == keyed(f"code:{session_uuid}:{code}")
+    with app.app_context():
+        [address_hash] = db.session.scalars(select(EmailSend.address_hash))
+    # Letter case folded, as the daily cap counts an address.
+    assert address_hash == keyed(f"address:{ADDRESS.lower()}")

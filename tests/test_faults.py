@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,11 +30,12 @@ from sqlalchemy.engine import make_url
 from app import create_app
 from app.clock import utcnow
 from app.extensions import db
-from app.messages import GENERAL_ERROR
-from app.models import ChatSession, SessionState
+from app.models import ChatSession, RetirementReason, SessionState
+from app.services.erasure import erase_all
 from app.services.orphan_sweep import sweep_orphans
 from app.storage import current_storage
 from tests.conftest import (
+    GENERAL_ERROR,
     JSON_HEADERS,
     audit_rows,
     base_env,
@@ -43,7 +45,7 @@ from tests.conftest import (
     smtp_env,
     smtp_server,
 )
-from tests.s3_proxy import S3Proxy
+from tests.s3_proxy import DROP, S3Proxy
 from tests.servers import PROJECT_ROOT, free_port
 
 S3_ERROR = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
@@ -139,6 +141,11 @@ def test_erasure_when_deleting_fails_then_a_retry_completes(
     # The session is ended in the database first; only its file is left, and the answer says so.
     assert refused.status_code == 503
     assert session_row(faulty_app, session_uuid) is None
+    refused_again = client.delete(f"/api/v1/session/{session_uuid}")
+    assert (refused_again.status_code, refused_again.get_json()["error"]) == (
+        503,
+        "storage_unavailable",
+    )
     proxy[0].fault = None
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
     retried = client.delete(f"/api/v1/session/{session_uuid}")
@@ -147,28 +154,55 @@ def test_erasure_when_deleting_fails_then_a_retry_completes(
     assert stored(faulty_app) == []
 
 
-def test_a_sweep_isolates_a_folder_whose_delete_fails(
-    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+def test_a_sweep_isolates_folders_whose_delete_fails_and_tells_the_admin_once(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
 ) -> None:
-    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
-    with faulty_app.app_context():
-        for folder in (bad, good):
-            current_storage().put(f"uploads/{folder}/a.pdf", io.BytesIO(PDF), "application/pdf")
-    proxy[0].fault = fail("DeleteObjects", f"uploads/{bad}/".encode())
-
-    with faulty_app.app_context():
-        report = sweep_orphans(
-            current_storage(),
-            now=utcnow() + timedelta(hours=1),
-            min_age=timedelta(minutes=30),
-            dry_run=False,
+    bad = sorted(str(uuid.uuid4()) for _ in range(2))
+    good = str(uuid.uuid4())
+    with smtp_server() as (port, inbox):
+        settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+        app = build_app(
+            database_url,
+            S3_MAX_ATTEMPTS="2",
+            ADMIN_EMAIL="ops@chat.example",
+            **settings,
+            **smtp_env(port),
         )
+        with app.app_context():
+            for folder in (*bad, good):
+                current_storage().put(f"uploads/{folder}/a.pdf", io.BytesIO(PDF), "application/pdf")
 
-    assert (report.folders_deleted, report.errors) == (1, 1)
+        def refuse_bad(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+            if name == "DeleteObjects" and any(folder.encode() in body for folder in bad):
+                return 500, S3_ERROR
+            return None
+
+        proxy[0].fault = refuse_bad
+        with app.app_context():
+            report = sweep_orphans(
+                current_storage(),
+                now=utcnow() + timedelta(hours=1),
+                min_age=timedelta(minutes=30),
+                dry_run=False,
+            )
+        deadline = time.monotonic() + 10
+        while not inbox.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    assert (report.folders_deleted, report.errors) == (1, 2)
     proxy[0].fault = None
-    assert stored(faulty_app) == [f"uploads/{bad}/a.pdf"]
-    [error] = audit_rows(faulty_app, "orphan_sweep_error")
-    assert str(error.session_uuid) == bad
+    assert stored(app) == [f"uploads/{folder}/a.pdf" for folder in bad]
+    errors = audit_rows(app, "orphan_sweep_error")
+    assert [(str(e.session_uuid), e.details) for e in errors] == [
+        (
+            folder,
+            {"keys": [f"uploads/{folder}/a.pdf"], "error": "delete failed: InternalError from S3"},
+        )
+        for folder in bad
+    ]
+    [notice] = inbox.messages
+    assert bad[0] in notice.get_body(preferencelist=("plain",)).get_content()
 
 
 def test_an_unreachable_database_answers_503_and_tells_the_admin() -> None:
@@ -341,9 +375,9 @@ def test_readiness_names_a_missing_bucket_and_the_create_command_makes_it(
     assert missing.status_code == 503
     assert missing.get_json()["checks"]["storage"] == "unavailable"
     assert missing.get_json()["reasons"]["storage"].startswith("missing_bucket: ")
-    assert runner.invoke(args=["storage", "create"]).output.strip() == "created"
+    assert runner.invoke(args=["storage", "create"]).stdout.strip() == "created"
     assert client.get("/ready").get_json()["reasons"] == {}
-    assert runner.invoke(args=["storage", "create"]).output.strip() == "already exists"
+    assert runner.invoke(args=["storage", "create"]).stdout.strip() == "already exists"
 
 
 def test_readiness_names_refused_access(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
@@ -382,12 +416,20 @@ def test_one_undeletable_file_stalls_no_erasure_job(
         assert all(session_row(app, session) is None for session in sessions)
         assert stored(app) == [f"uploads/{stuck}/cv.pdf"]
         [problem] = audit_rows(app, f"{'abandoned_purge' if job == 'abandoned' else job}_error")
-        assert str(problem.session_uuid) == stuck
+        assert (str(problem.session_uuid), problem.details) == (
+            stuck,
+            {"error": "storage unavailable (failed)"},
+        )
         deadline = time.monotonic() + 10
         while not inbox.messages and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
         assert len(inbox.messages) == 1, "reported to the admin once"
+        job_name = "abandoned_sessions" if job == "abandoned" else "retention"
+        assert inbox.messages[0]["Subject"] == (
+            f"[Chat Assistant] {job_name}: 1 session(s) not finished, "
+            "e.g. storage unavailable (failed)"
+        )
 
     # The stuck file belongs to no session now: the orphan sweep deletes it once it can.
     proxy[0].fault = None
@@ -423,4 +465,122 @@ def test_a_session_whose_listing_times_out_stalls_no_purge(
     assert (summary["sessions_purged"], summary["errors"]) == (4, 1)
     assert [session for session in sessions if session_row(app, session)] == [stuck]
     [problem] = audit_rows(app, "abandoned_purge_error")
-    assert str(problem.session_uuid) == stuck
+    assert (str(problem.session_uuid), problem.details) == (
+        stuck,
+        {"error": "files could not be listed (unreachable)"},
+    )
+
+
+def test_storage_that_stops_answering_stops_a_purge_after_one_session(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    sessions = [new_session_with_file(app) for _ in range(3)]
+    with app.app_context():
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
+        db.session.commit()
+    proxy[0].reset()
+    proxy[0].fault = lambda name, path, body: DROP
+
+    summary = json.loads(app.test_cli_runner().invoke(args=["cleanup", "abandoned"]).stdout)
+
+    # One listing fails, one check confirms storage is gone: waiting out a timeout for each
+    # further session would only hold the job up.
+    assert (summary["sessions_purged"], summary["errors"]) == (0, 3)
+    assert dict(proxy[0].counts) == {"ListObjectsV2": 1, "HeadBucket": 1}
+    assert all(session_row(app, session) is not None for session in sessions)
+
+
+def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    sessions = [new_session_with_file(app) for _ in range(5)]
+    stuck = sessions[0]
+    with app.app_context():
+        for age, session_uuid in enumerate(reversed(sessions), start=1):
+            db.session.execute(
+                update(ChatSession)
+                .where(ChatSession.uuid == uuid.UUID(session_uuid))
+                .values(last_seen_at=utcnow() - timedelta(days=age))
+            )
+        db.session.commit()
+    stuck_listings = []
+
+    def refuse_stuck(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        if name == "ListObjectsV2" and stuck in path:
+            stuck_listings.append(path)
+            return 500, S3_ERROR
+        return None
+
+    proxy[0].fault = refuse_stuck
+    with app.app_context():
+        totals = erase_all(
+            ChatSession.last_seen_at < utcnow(), reason=RetirementReason.ABANDONED, batch_size=2
+        )
+
+    # Oldest first, two at a time: the stuck session is tried once and the others all go.
+    assert (totals.sessions, totals.files, list(totals.problems)) == (4, 4, [uuid.UUID(stuck)])
+    assert [session for session in sessions if session_row(app, session)] == [stuck]
+    assert len(stuck_listings) == 1
+
+
+def test_storage_that_stops_answering_mid_delete_is_not_retried_session_by_session(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    sessions = [new_session_with_file(app) for _ in range(3)]
+    with app.app_context():
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
+        db.session.commit()
+    proxy[0].reset()
+    proxy[0].fault = lambda name, path, body: DROP if name == "DeleteObjects" else None
+
+    summary = json.loads(app.test_cli_runner().invoke(args=["cleanup", "abandoned"]).stdout)
+
+    # The sessions are ended; their files wait for the orphan sweep.
+    assert (summary["sessions_purged"], summary["errors"]) == (3, 3)
+    assert proxy[0].counts["DeleteObjects"] == 1
+    assert all(session_row(app, session) is None for session in sessions)
+    problems = audit_rows(app, "abandoned_purge_error")
+    assert {p.details["error"] for p in problems} == {"storage unavailable (unreachable)"}
+
+
+def test_a_session_that_comes_back_while_a_purge_lists_its_files_is_kept(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, **settings)
+    session_uuid = new_session_with_file(app)
+    with app.app_context():
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
+        db.session.commit()
+    listing, resume = threading.Event(), threading.Event()
+
+    def hold_the_listing(name: str, path: str, body: bytes) -> None:
+        if name == "ListObjectsV2" and session_uuid in path:
+            listing.set()
+            resume.wait(10)
+        return
+
+    proxy[0].fault = hold_the_listing
+    summaries: list[dict[str, object]] = []
+    purge = threading.Thread(
+        target=lambda: summaries.append(
+            json.loads(app.test_cli_runner().invoke(args=["cleanup", "abandoned"]).stdout)
+        )
+    )
+    purge.start()
+    assert listing.wait(10), "the purge never listed the session's files"
+    # The visitor returns while the purge is waiting for storage.
+    validated = app.test_client().post("/api/v1/validate-uuid", json={"uuid": session_uuid})
+    resume.set()
+    purge.join(20)
+
+    assert validated.get_json()["status"] == "success"
+    assert summaries[0]["sessions_purged"] == 0
+    assert session_row(app, session_uuid) is not None
+    assert stored(app) == [f"uploads/{session_uuid}/cv.pdf"]

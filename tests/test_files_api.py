@@ -9,6 +9,7 @@ import http.client
 import io
 import threading
 import uuid
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
@@ -69,6 +70,22 @@ def download(client: FlaskClient, url: str) -> bytes:
     response = client.get(urlsplit(url).path)
     assert response.status_code == 200
     return response.data
+
+
+def test_the_longest_name_kept_still_gets_a_working_link(
+    files_app: Flask, files_client: FlaskClient
+) -> None:
+    session_uuid = new_session(files_client)
+    longest = "n" * 196 + ".pdf"
+
+    response = upload(files_client, session_uuid, "n" * 300 + ".pdf")
+
+    assert response.status_code == 200
+    assert response.get_json()["filename"] == longest
+    assert stored_names(files_app, session_uuid) == [longest]
+    assert download(files_client, response.get_json()["url"]) == PDF
+    [listed] = files_client.get(f"/api/v1/session/{session_uuid}/files").get_json()["files"]
+    assert download(files_client, listed["url"]) == PDF
 
 
 def test_upload_stores_a_pdf_with_a_working_time_limited_link(
@@ -264,6 +281,7 @@ def test_delete_in_an_unknown_session_is_not_found(files_client: FlaskClient) ->
 
 def test_listing_shows_each_file_with_a_link(files_client: FlaskClient) -> None:
     session_uuid = new_session(files_client)
+    started = datetime.now(UTC).replace(microsecond=0)
     upload(files_client, session_uuid, "b.pdf")
     upload(files_client, session_uuid, "a.pdf", PDF + b"longer")
 
@@ -277,6 +295,9 @@ def test_listing_shows_each_file_with_a_link(files_client: FlaskClient) -> None:
         ("b.pdf", len(PDF)),
     ]
     assert download(files_client, listed[1]["url"]) == PDF
+    for listed_file in listed:
+        uploaded_at = datetime.fromisoformat(listed_file["uploaded_at"])
+        assert started <= uploaded_at <= datetime.now(UTC)
     assert overview.get_json()["file_count"] == 2
     unknown = files_client.get(f"/api/v1/session/{uuid.uuid4()}/files")
     assert unknown.status_code == 404

@@ -14,8 +14,7 @@ from flask.testing import FlaskClient
 from openapi_spec_validator import validate as validate_openapi
 
 from app import create_app
-from app.messages import GENERAL_ERROR
-from tests.conftest import JSON_HEADERS, audit_rows, base_env, build_app
+from tests.conftest import GENERAL_ERROR, JSON_HEADERS, audit_rows, base_env, build_app
 from tests.servers import app_process, free_port
 
 ALLOWED_ORIGIN = "http://localhost:3000"

@@ -168,6 +168,16 @@ def test_foreign_folders_and_loose_files_are_reported_never_deleted(app: Flask) 
     assert report.examples["loose_files"] == ["uploads/loose.pdf"]
 
 
+def test_the_report_counts_every_stray_but_names_only_twenty(app: Flask) -> None:
+    loose = [f"uploads/loose-{n:02d}.pdf" for n in range(21)]
+    put(app, *loose)
+
+    report = sweep(app)
+
+    assert report.loose_files == 21
+    assert report.examples["loose_files"] == loose[:20]
+
+
 def test_a_dry_run_deletes_nothing(app: Flask) -> None:
     orphan = str(uuid.uuid4())
     put(app, f"uploads/{orphan}/a.pdf")
@@ -286,10 +296,10 @@ def test_the_cli_prints_a_summary(database_url: str, tmp_path: Path) -> None:
     real = app.test_cli_runner().invoke(args=["cleanup", "orphans"])
 
     assert dry.exit_code == 0, dry.output
-    assert json.loads(dry.output)["dry_run"] is True
+    assert json.loads(dry.stdout)["dry_run"] is True
     assert real.exit_code == 0, real.output
     # The files are newer than ORPHAN_MIN_AGE_MINUTES, so the real run keeps them.
-    assert json.loads(real.output)["kept_recent"] == 1
+    assert json.loads(real.stdout)["kept_recent"] == 1
 
 
 def test_the_factory_schedules_the_sweep_when_enabled(database_url: str) -> None:

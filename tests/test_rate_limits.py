@@ -8,30 +8,36 @@ one session is cut off too.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import io
 import re
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import redis
 import requests
+import time_machine
 from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import (
     JSON_HEADERS,
     RUN_ID,
+    TEST_SECRET_KEY,
     Inbox,
     audit_rows,
+    base_env,
     build_app,
     code_in,
     smtp_env,
     smtp_server,
 )
-from tests.servers import free_port, gunicorn_process, hung_server
+from tests.servers import app_process, free_port, gunicorn_process, hung_server
 
 ORIGIN = "http://localhost:3000"
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
@@ -305,20 +311,23 @@ def test_invalid_uuids_share_one_budget_per_client(app_at_defaults: Flask) -> No
 def test_counters_that_cannot_be_reached_cost_a_second_not_the_service(
     database_url: str, redis_state: str
 ) -> None:
+    build_app(database_url)  # the schema the server process will use
     with contextlib.ExitStack() as stack:
         port = free_port() if redis_state == "refusing" else stack.enter_context(hung_server())
-        app = build_app(
+        env = base_env(
             database_url, **AT_DEFAULT_LIMITS, RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{port}/0"
         )
-        client = app.test_client()
+        # Its own process: the limiter's memory of a failed Redis lasts as long as the process.
+        served = stack.enter_context(app_process(env))
         started = time.monotonic()
-
-        issued = client.post("/api/v1/generate-uuid", headers=JSON_HEADERS)
-        resumed = validate(client, issued.get_json()["uuid"])
+        issued = requests.post(f"{served.url}/api/v1/generate-uuid", timeout=30)
+        resumed = requests.post(
+            f"{served.url}/api/v1/validate-uuid", json={"uuid": issued.json()["uuid"]}, timeout=30
+        )
         elapsed = time.monotonic() - started
 
     assert issued.status_code == 200
-    assert resumed == (200, "success")
+    assert (resumed.status_code, resumed.json()["status"]) == (200, "success")
     assert elapsed < 5, "one bounded wait, then the limits count in memory"
 
 
@@ -349,6 +358,21 @@ def test_a_refusal_does_not_eat_into_the_longer_windows(database_url: str) -> No
     assert after_a_second == 200, "only two of the hour's three were spent"
 
 
+def test_a_limit_holds_for_any_sixty_seconds(database_url: str) -> None:
+    client = build_app(database_url, SESSION_RATE_LIMIT="10/minute").test_client()
+    start = datetime.now(UTC)
+
+    def burst(at_second: int, count: int) -> list[int]:
+        with time_machine.travel(start + timedelta(seconds=at_second), tick=False):
+            return [generate(client) for _ in range(count)]
+
+    # A window counted from the first request would start afresh at second 60 and let ten
+    # more through within two seconds of the last nine.
+    statuses = burst(0, 1) + burst(58, 9) + burst(61, 2)
+
+    assert statuses == [200] * 11 + [429]
+
+
 def test_retry_after_is_the_time_left_in_the_window(database_url: str) -> None:
     client = build_app(database_url, EMAIL_RATE_LIMIT="1/minute").test_client()
     body = {"email": "someone@example.org"}
@@ -359,3 +383,50 @@ def test_retry_after_is_the_time_left_in_the_window(database_url: str) -> None:
 
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def resume_counter(secret_key: str, session_uuid: str) -> str:
+    """The part of a session's resume counter key that names it: a keyed hash of its UUID."""
+    digest = hmac.new(secret_key.encode(), f"resume-limit:{session_uuid}".encode(), "sha256")
+    return f"/session:{digest.hexdigest()[:32]}/"
+
+
+def test_a_sessions_counter_is_named_by_a_keyed_hash_never_by_its_uuid(
+    database_url: str, redis_url: str
+) -> None:
+    counters = redis.Redis.from_url(redis_url)
+    session_uuid = str(uuid.uuid4())
+
+    def counter_keys(secret_key: str) -> set[str]:
+        app = build_app(database_url, SECRET_KEY=secret_key, RATELIMIT_STORAGE_URI=redis_url)
+        assert validate(app.test_client(), session_uuid.upper()) == (200, "success")
+        return {key.decode() for key in counters.scan_iter("*session:*")}
+
+    first, second = "a" * 40, "b" * 40
+    keys = counter_keys(first) | counter_keys(second)
+
+    assert len([key for key in keys if resume_counter(first, session_uuid) in key]) == 1
+    assert len([key for key in keys if resume_counter(second, session_uuid) in key]) == 1
+    for key in keys:
+        assert session_uuid not in key.lower()
+        assert session_uuid.replace("-", "") not in key.lower()
+
+
+@pytest.mark.parametrize(
+    "body", ['{"uuid": "' + "x" * (65 * 1024) + '"}', "{not json"], ids=["oversized", "not-json"]
+)
+def test_a_body_the_limiter_cannot_read_keeps_the_counters_in_redis(
+    database_url: str, redis_url: str, body: str
+) -> None:
+    counters = redis.Redis.from_url(redis_url)
+    client = build_app(database_url, RATELIMIT_STORAGE_URI=redis_url).test_client()
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+
+    refused = client.post("/api/v1/validate-uuid", data=body, headers=JSON_HEADERS)
+    resumed = validate(client, session_uuid)
+
+    assert refused.status_code in (400, 413)
+    assert resumed == (200, "success")
+    # Counted where every worker counts, not in this process's memory as a fallback.
+    key = resume_counter(TEST_SECRET_KEY, session_uuid)
+    assert [k for k in counters.scan_iter("*session:*") if key in k.decode()]

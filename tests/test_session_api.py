@@ -13,10 +13,9 @@ from sqlalchemy import update
 
 from app.clock import utcnow
 from app.extensions import db
-from app.messages import GENERAL_ERROR, SESSION_RESET
 from app.models import ChatSession, RetiredSessionUUID, RetirementReason, SessionState
 from app.services import chat_sessions
-from tests.conftest import JSON_HEADERS, audit_rows, session_row
+from tests.conftest import GENERAL_ERROR, JSON_HEADERS, SESSION_RESET, audit_rows, session_row
 
 
 def post(client: FlaskClient, path: str, body: object | None = None, **headers: str):
@@ -203,6 +202,20 @@ def test_validate_calls_anything_but_a_v4_uuid_invalid(
         assert db.session.query(ChatSession).count() == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [[], ["1b4e28ba-2fa1-41d2-883f-0016d3cca427"], "text", {"uuid": 4}, {"uuid": None}],
+    ids=["empty-list", "list", "string", "number", "null"],
+)
+def test_validate_refuses_a_body_that_names_no_uuid_as_a_400(
+    client: FlaskClient, body: object
+) -> None:
+    response = post(client, "validate-uuid", body)
+
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_request"
+
+
 # persist_session
 
 
@@ -366,7 +379,25 @@ def test_persist_rejects_a_non_v4_key(client: FlaskClient) -> None:
     )
 
     assert response.status_code == 400
-    assert "uuid" in response.get_json()["details"]
+    assert response.get_json()["details"] == {"uuid": ["Not a UUID version 4."]}
+
+
+def test_persist_changes_only_the_fields_it_is_given(app: Flask, client: FlaskClient) -> None:
+    issued = register(client)
+    full = {"uuid": issued, "consent_user_data": True, "name": "Ada", "email": "ada@example.org"}
+    assert post(client, "persist_session", full).status_code == 200
+
+    only_email = {"uuid": issued, "consent_user_data": True, "email": "ada@example.net"}
+    only_name = {"uuid": issued, "consent_user_data": True, "name": "Ada L."}
+    assert post(client, "persist_session", only_email).status_code == 200
+    assert post(client, "persist_session", only_name).status_code == 200
+    assert post(client, "persist_session", only_name).status_code == 200
+
+    row = session_row(app, issued)
+    assert row is not None
+    assert (row.name, row.email) == ("Ada L.", "ada@example.net")
+    updates = [e.details for e in audit_rows(app, "personal_data_updated")]
+    assert updates == [{"fields": ["name", "email"]}, {"fields": ["email"]}, {"fields": ["name"]}]
 
 
 # GET /session/<uuid>

@@ -27,8 +27,9 @@ from app.errors import FileNotFound, StorageUnavailableError
 from app.services import chat_sessions
 from app.storage import StorageUnavailable, StoredObject, current_storage, session_prefix
 
-# Fernet tokens for these claims are about 200 characters; anything much longer is not one.
-MAX_TOKEN_LENGTH = 512
+# A token for the longest file name kept (200 characters) is about 500 characters, and an S3
+# store with longer version tags adds a few dozen; anything past twice that is not a link.
+MAX_TOKEN_LENGTH = 1024
 
 
 @functools.lru_cache(maxsize=4)

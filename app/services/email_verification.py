@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import math
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -313,7 +314,7 @@ def _limit_refusal(
     config = current_app.config
     wait_for = _cooldown_left(_last_send(session_uuid, now), now)
     if wait_for is not None:
-        wait = int(wait_for.total_seconds()) + 1
+        wait = max(1, math.ceil(wait_for.total_seconds()))
         return _failure(
             "cooldown",
             f"A code was sent moments ago. Please wait {_count(wait, 'second')} before asking "

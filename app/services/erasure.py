@@ -162,25 +162,19 @@ def _delete_rows(
     context: AuditContext,
 ) -> list[uuid.UUID]:
     """Delete the still-eligible rows and everything tied to them; commit; the erased UUIDs."""
-    erased = (
-        list(
-            db.session.scalars(
-                delete(_SESSIONS)
-                .where(_SESSIONS.c.uuid.in_(bindparam("uuids", expanding=True)), still_eligible)
-                .returning(_SESSIONS.c.uuid),
-                {"uuids": session_uuids},
-            )
+    erased = list(
+        db.session.scalars(
+            delete(_SESSIONS)
+            .where(_SESSIONS.c.uuid.in_(bindparam("uuids")), still_eligible)
+            .returning(_SESSIONS.c.uuid),
+            {"uuids": session_uuids},
         )
-        if session_uuids
-        else []
     )
     if not erased:
         db.session.rollback()
         return []
     db.session.execute(
-        delete(ConsentEvent).where(
-            ConsentEvent.session_uuid.in_(bindparam("uuids", expanding=True))
-        ),
+        delete(ConsentEvent).where(ConsentEvent.session_uuid.in_(bindparam("uuids"))),
         {"uuids": erased},
     )
     unlink_send_history(erased)
@@ -206,7 +200,7 @@ def delete_leftover_files(session_uuid: uuid.UUID) -> int:
     keys = [o.key for o in session_objects(current_storage(), session_uuid)]
     left = _delete_files({session_uuid: keys})
     if left:
-        raise StorageUnavailable(left[session_uuid], reason="failed")
+        raise StorageUnavailable(left[session_uuid])
     return len(keys)
 
 
@@ -244,7 +238,7 @@ def unlink_send_history(session_uuids: list[uuid.UUID]) -> None:
     """
     db.session.execute(
         update(EmailSend)
-        .where(EmailSend.session_uuid.in_(bindparam("uuids", expanding=True)))
+        .where(EmailSend.session_uuid.in_(bindparam("uuids")))
         .values(session_uuid=None),
         {"uuids": session_uuids},
     )

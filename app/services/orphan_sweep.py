@@ -88,7 +88,7 @@ def sweep_orphans(
             delete_orphans(storage, batch, report, dry_run=dry_run)
     except StorageUnavailable as exc:
         report.errors += 1
-        _record_error(None, (), exc)
+        _record_error(None, (), str(exc))
     report.duration_seconds = round(time.perf_counter() - started, 3)
     if not dry_run:
         audit.record("orphan_sweep_completed", SYSTEM, **report.as_dict())
@@ -127,7 +127,11 @@ def delete_orphans(
     for folder, failures in outcomes:
         if failures:
             report.errors += 1
-            _record_error(folder.session_uuid, folder.keys, failures)
+            # The reasons, not the keys: the keys are recorded apart, and a text free of names
+            # lets the admin notice for one storage fault cover every folder it hits.
+            _record_error(
+                folder.session_uuid, folder.keys, "; ".join(sorted(set(failures.values())))
+            )
         else:
             report.folders_deleted += 1
             report.objects_deleted += len(folder.keys)
@@ -171,7 +175,8 @@ def _old_uuid_folders(
             report.non_uuid_folders += 1
             report.note("non_uuid_folders", folder.name)
             continue
-        if max(stored.last_modified for stored in folder.objects) > cutoff:
+        # "Older than" the minimum age: a folder exactly that old is still kept.
+        if max(stored.last_modified for stored in folder.objects) >= cutoff:
             report.kept_recent += 1
             continue
         yield OrphanFolder(session_uuid, tuple(stored.key for stored in folder.objects))
@@ -211,9 +216,7 @@ def _chunks(items: Iterable[OrphanFolder], size: int) -> Iterator[list[OrphanFol
         yield chunk
 
 
-_LIVE_SESSIONS = select(ChatSession.uuid).where(
-    ChatSession.uuid.in_(bindparam("uuids", expanding=True))
-)
+_LIVE_SESSIONS = select(ChatSession.uuid).where(ChatSession.uuid.in_(bindparam("uuids")))
 
 
 def _live_session_uuids(session_uuids: list[uuid.UUID]) -> set[uuid.UUID]:
@@ -235,8 +238,8 @@ def _delete_folder(storage: Storage, folder: OrphanFolder) -> dict[str, str]:
         return dict.fromkeys(folder.keys, str(exc))
 
 
-def _record_error(session_uuid: uuid.UUID | None, keys: tuple[str, ...], error: object) -> None:
-    text = str(error)[:MAX_ERROR_TEXT]
+def _record_error(session_uuid: uuid.UUID | None, keys: tuple[str, ...], error: str) -> None:
+    text = error[:MAX_ERROR_TEXT]
     log.error(
         "orphan sweep error",
         extra={"folder": str(session_uuid)[:8] if session_uuid else None, "error": text},

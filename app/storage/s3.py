@@ -96,7 +96,7 @@ class S3Storage:
                 )
             except (BotoCoreError, ClientError) as exc:
                 raise StorageUnavailable(
-                    f"deleting {len(chunk)} keys failed: {_reason(exc)}", reason=_classify(exc)
+                    f"delete failed: {_reason(exc)}", reason=_classify(exc)
                 ) from None
             for error in response.get("Errors", []):
                 failed[error["Key"]] = str(error.get("Code"))
