@@ -92,19 +92,14 @@ def _session_named_in_body() -> str:
     return f"session:{keyed_hash('resume-limit', str(session_uuid))[:32]}"
 
 
-def _not_for_preflights() -> bool:
-    # CORS preflights carry no work and must never eat into the caller's budget.
-    return request.method == "OPTIONS"
-
-
 # The two decorator factories below run once, when the routes are imported, before a mutation
 # test can switch anything on: `make mutate` leaves them alone, and the limits they set are
 # exercised through the routes (tests/test_rate_limits.py).
 def limited_per_ip(config_key: str) -> RouteDecorator:  # pragma: no mutate block
     """Limit a route per client IP by the limit string in ``app.config[config_key]``."""
-    return limiter.limit(
-        lambda: str(current_app.config[config_key]), exempt_when=_not_for_preflights
-    )
+    # CORS preflights never meet the limit: Flask answers OPTIONS without calling the view, and
+    # flask-limiter checks a route's own limits in the view's decorator.
+    return limiter.limit(lambda: str(current_app.config[config_key]))
 
 
 def limited_as_resume(view: Callable[..., Any]) -> Any:  # pragma: no mutate block
@@ -113,6 +108,5 @@ def limited_as_resume(view: Callable[..., Any]) -> Any:  # pragma: no mutate blo
     per_session = limiter.limit(
         lambda: str(current_app.config["RESUME_RATE_LIMIT"]),
         key_func=_session_named_in_body,
-        exempt_when=_not_for_preflights,
     )
     return per_ip(per_session(view))

@@ -683,3 +683,48 @@ def test_codes_and_addresses_are_kept_only_as_hmacs_under_the_secret_key(
         [address_hash] = db.session.scalars(select(EmailSend.address_hash))
     # Letter case folded, as the daily cap counts an address.
     assert address_hash == keyed(f"address:{ADDRESS.lower()}")
+
+
+def test_sends_that_died_unannounced_do_not_count_towards_the_hourly_limit(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    session_uuid = new_session(client)
+    with app.app_context():
+        # Three claims from processes that died mid-send, twenty minutes ago: well past the mail
+        # deadline, well inside the hour.
+        twenty_minutes_ago = utcnow() - timedelta(minutes=20)
+        for _ in range(3):
+            db.session.add(
+                EmailSend(
+                    session_uuid=uuid.UUID(session_uuid),
+                    address_hash="0" * 64,
+                    sent_at=twenty_minutes_ago,
+                    delivered=False,
+                )
+            )
+        db.session.commit()
+
+    sent = call(client, "verify-email", session_uuid, {"email": ADDRESS})
+
+    assert outcome(sent) == ("success", None, "CODE_INPUT")
+    assert len(inbox.messages) == 1
+
+
+def test_the_trail_says_whether_a_code_went_to_a_new_address(
+    app: Flask, client: FlaskClient
+) -> None:
+    session_uuid = new_session(client)
+    start = utcnow()
+
+    for minutes, address in enumerate((ADDRESS, ADDRESS, "other@example.org")):
+        with time_machine.travel(start + timedelta(minutes=minutes), tick=False):
+            assert outcome(call(client, "verify-email", session_uuid, {"email": address}))[0] == (
+                "success"
+            )
+
+    issued = audit_rows(app, "verification_code_issued")
+    assert [row.details for row in issued] == [
+        {"address_changed": True},
+        {"address_changed": False},
+        {"address_changed": True},
+    ]

@@ -33,7 +33,7 @@ from app.extensions import db
 from app.models import ChatSession, RetirementReason, SessionState
 from app.services.erasure import erase_all
 from app.services.orphan_sweep import sweep_orphans
-from app.storage import current_storage
+from app.storage import StorageUnavailable, current_storage
 from tests.conftest import (
     GENERAL_ERROR,
     JSON_HEADERS,
@@ -94,7 +94,36 @@ def new_session_with_file(app: Flask) -> str:
     return session_uuid
 
 
-def test_upload_when_storing_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
+def sessions_oldest_first(app: Flask, count: int) -> list[str]:
+    """Sessions with a file each, idle for ``count`` days down to one: the first is the oldest."""
+    sessions = [new_session_with_file(app) for _ in range(count)]
+    with app.app_context():
+        for age, session_uuid in enumerate(reversed(sessions), start=1):
+            db.session.execute(
+                update(ChatSession)
+                .where(ChatSession.uuid == uuid.UUID(session_uuid))
+                .values(last_seen_at=utcnow() - timedelta(days=age))
+            )
+        db.session.commit()
+    return sessions
+
+
+def refuse_listing(session_uuid: str, seen: list[str] | None = None) -> object:
+    """A fault rule: answer every listing of one session's folder with 500 (noted in ``seen``)."""
+
+    def rule(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        if name == "ListObjectsV2" and session_uuid in path:
+            if seen is not None:
+                seen.append(path)
+            return 500, S3_ERROR
+        return None
+
+    return rule
+
+
+def test_upload_when_storing_fails(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str], caplog: pytest.LogCaptureFixture
+) -> None:
     proxy[0].fault = fail("PutObject")
     client = faulty_app.test_client()
     session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
@@ -111,6 +140,9 @@ def test_upload_when_storing_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]
     proxy[0].fault = None
     assert stored(faulty_app) == []
     assert audit_rows(faulty_app, "file_uploaded") == []
+    # The log line (and the admin's stack trace) carries the storage failure behind the 503.
+    [failure] = [r for r in caplog.records if r.getMessage() == "domain failure"]
+    assert isinstance(failure.exc_info[1].__cause__, StorageUnavailable)
 
 
 def test_delete_when_deleting_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
@@ -130,7 +162,7 @@ def test_delete_when_deleting_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str
 
 
 def test_erasure_when_deleting_fails_then_a_retry_completes(
-    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+    faulty_app: Flask, proxy: tuple[S3Proxy, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     session_uuid = new_session_with_file(faulty_app)
     client = faulty_app.test_client()
@@ -141,11 +173,15 @@ def test_erasure_when_deleting_fails_then_a_retry_completes(
     # The session is ended in the database first; only its file is left, and the answer says so.
     assert refused.status_code == 503
     assert session_row(faulty_app, session_uuid) is None
+    caplog.clear()
     refused_again = client.delete(f"/api/v1/session/{session_uuid}")
     assert (refused_again.status_code, refused_again.get_json()["error"]) == (
         503,
         "storage_unavailable",
     )
+    # The log line (and the admin's stack trace) says what storage answered.
+    [failure] = [r for r in caplog.records if r.getMessage() == "domain failure"]
+    assert str(failure.exc_info[1].__cause__) == "storage unavailable (failed)"
     proxy[0].fault = None
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
     retried = client.delete(f"/api/v1/session/{session_uuid}")
@@ -490,6 +526,12 @@ def test_storage_that_stops_answering_stops_a_purge_after_one_session(
     assert (summary["sessions_purged"], summary["errors"]) == (0, 3)
     assert dict(proxy[0].counts) == {"ListObjectsV2": 1, "HeadBucket": 1}
     assert all(session_row(app, session) is not None for session in sessions)
+    # Each session not listed is on the record with the reason, the unlisted ones too.
+    problems = {
+        str(row.session_uuid): row.details for row in audit_rows(app, "abandoned_purge_error")
+    }
+    unlisted = {"error": "files could not be listed (unreachable)"}
+    assert problems == dict.fromkeys(sessions, unlisted)
 
 
 def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
@@ -497,25 +539,10 @@ def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
 ) -> None:
     settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
     app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
-    sessions = [new_session_with_file(app) for _ in range(5)]
+    sessions = sessions_oldest_first(app, 5)
     stuck = sessions[0]
-    with app.app_context():
-        for age, session_uuid in enumerate(reversed(sessions), start=1):
-            db.session.execute(
-                update(ChatSession)
-                .where(ChatSession.uuid == uuid.UUID(session_uuid))
-                .values(last_seen_at=utcnow() - timedelta(days=age))
-            )
-        db.session.commit()
-    stuck_listings = []
-
-    def refuse_stuck(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
-        if name == "ListObjectsV2" and stuck in path:
-            stuck_listings.append(path)
-            return 500, S3_ERROR
-        return None
-
-    proxy[0].fault = refuse_stuck
+    stuck_listings: list[str] = []
+    proxy[0].fault = refuse_listing(stuck, stuck_listings)
     with app.app_context():
         totals = erase_all(
             ChatSession.last_seen_at < utcnow(), reason=RetirementReason.ABANDONED, batch_size=2
@@ -525,6 +552,25 @@ def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
     assert (totals.sessions, totals.files, list(totals.problems)) == (4, 4, [uuid.UUID(stuck)])
     assert [session for session in sessions if session_row(app, session)] == [stuck]
     assert len(stuck_listings) == 1
+
+
+def test_a_batch_that_erases_nothing_ends_the_run(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    sessions = sessions_oldest_first(app, 3)
+    stuck = sessions[0]
+    proxy[0].fault = refuse_listing(stuck)
+    with app.app_context():
+        totals = erase_all(
+            ChatSession.last_seen_at < utcnow(), reason=RetirementReason.ABANDONED, batch_size=1
+        )
+
+    # The oldest session, alone in its batch, cannot be listed: storage is most likely down, so
+    # the run stops there and the next run starts over.
+    assert (totals.sessions, list(totals.problems)) == (0, [uuid.UUID(stuck)])
+    assert all(session_row(app, session) is not None for session in sessions)
 
 
 def test_storage_that_stops_answering_mid_delete_is_not_retried_session_by_session(

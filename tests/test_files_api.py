@@ -103,6 +103,8 @@ def test_upload_stores_a_pdf_with_a_working_time_limited_link(
         len(PDF),
         "application/pdf",
     )
+    # An absolute link: the frontend opens it as it is, from another origin.
+    assert body["url"].startswith("http://localhost/api/v1/files/")
     assert download(files_client, body["url"]) == PDF
     assert stored_names(files_app, session_uuid) == ["My_CV_final.pdf"]
     [event] = audit_rows(files_app, "file_uploaded")
@@ -180,19 +182,31 @@ def test_a_fourth_file_is_refused_but_a_same_name_upload_replaces(
     assert replaced.get_json()["size"] == len(PDF) + 2
     assert stored_names(files_app, session_uuid) == ["a.pdf", "b.pdf", "c.pdf"]
     assert audit_rows(files_app, "file_uploaded")[-1].details["replaced"] is True
+    [refusal] = audit_rows(files_app, "file_upload_rejected")
+    assert refusal.details == {"reason": "file_limit_reached"}
 
 
 @pytest.mark.parametrize("name", ["...", "日本語.pdf", "/"])
-def test_an_unusable_name_is_refused(files_client: FlaskClient, name: str) -> None:
+def test_an_unusable_name_is_refused(
+    files_app: Flask, files_client: FlaskClient, name: str
+) -> None:
     response = upload(files_client, new_session(files_client), name)
 
     assert response.status_code == 400
     assert response.get_json()["error"] == "invalid_filename"
+    [event] = audit_rows(files_app, "file_upload_rejected")
+    assert event.details == {"reason": "invalid_filename"}
 
 
 def test_names_are_sanitised() -> None:
     assert safe_filename("../../etc/passwd.pdf") == "passwd.pdf"
     assert safe_filename("C:\\Users\\me\\cv.pdf") == "cv.pdf"
+    assert [safe_filename(name) for name in ("cv", "cv.", "cv.x", "cv.pdf")] == [
+        "cv",
+        "cv",
+        "cv.x",
+        "cv.pdf",
+    ]
     assert safe_filename("a" * 300 + ".pdf") == "a" * 196 + ".pdf"
     assert safe_filename("...") is None
 

@@ -201,19 +201,26 @@ def test_uploads_and_email_sends_have_their_own_budgets(database_url: str) -> No
 
 
 def test_preflights_are_never_rate_limited(database_url: str) -> None:
-    client = build_app(database_url, SESSION_RATE_LIMIT="2/minute").test_client()
+    client = build_app(
+        database_url, SESSION_RATE_LIMIT="2/minute", SESSION_RESOURCE_RATE_LIMIT="2/minute"
+    ).test_client()
     preflight = {
         "Origin": ALLOWED_ORIGIN,
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type",
     }
+    limited_route = "/api/v1/persist_session"
 
     statuses = [
-        client.options("/api/v1/generate-uuid", headers=preflight).status_code for _ in range(5)
+        client.options(path, headers=preflight).status_code
+        for path in ("/api/v1/generate-uuid", limited_route)
+        for _ in range(5)
     ]
 
-    assert statuses == [200] * 5
+    assert statuses == [200] * 10
     assert _burst(client, 2) == [200, 200]
+    body = {"uuid": str(uuid.uuid4()), "consent_user_data": False}
+    assert [client.post(limited_route, json=body).status_code for _ in range(3)] == [404, 404, 429]
 
 
 def test_a_spoofed_forwarded_for_is_ignored_without_a_trusted_proxy(database_url: str) -> None:

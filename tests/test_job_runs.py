@@ -50,6 +50,19 @@ def test_a_scheduled_run_stands_down_until_its_interval_has_all_but_passed(
     assert run_at(T0 + SECOND + due)
 
 
+def test_a_short_interval_allows_a_tenth_of_itself_early(database_url: str) -> None:
+    app = build_app(database_url, ORPHAN_SWEEP_INTERVAL_MINUTES="5")
+
+    def run_at(moment: datetime) -> bool:
+        with time_machine.travel(moment, tick=False), app.app_context():
+            return jobs.run_orphan_sweep(scheduled=True) is not None
+
+    assert run_at(T0)
+    # Five minutes less a tenth: due 4 min 30 s after the last start, not a second sooner.
+    assert not run_at(T0 + timedelta(minutes=4, seconds=29))
+    assert run_at(T0 + timedelta(minutes=4, seconds=30))
+
+
 @pytest.fixture
 def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
     s3_proxy = S3Proxy(s3_endpoint)

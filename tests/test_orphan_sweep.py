@@ -19,6 +19,7 @@ from app.clock import utcnow
 from app.services.job_runs import exclusive_run
 from app.services.orphan_sweep import (
     JOB_NAME,
+    OrphanFolder,
     SweepReport,
     delete_orphans,
     find_orphans,
@@ -75,7 +76,56 @@ def test_an_old_orphan_folder_is_deleted_and_audited_with_its_keys(app: Flask) -
     assert event.details == {"keys": keys, "objects": 2}
     [summary] = audit_rows(app, "orphan_sweep_completed")
     assert summary.details["folders_deleted"] == 1
-    assert summary.details["duration_seconds"] >= 0
+    # Milliseconds, not whole seconds: a sweep this small takes well under one.
+    assert isinstance(report.duration_seconds, float)
+    assert 0 <= report.duration_seconds < 60
+    assert summary.details["duration_seconds"] == report.duration_seconds
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_report_adds_up_over_every_batch(app: Flask, dry_run: bool) -> None:
+    orphans = [uuid.uuid4() for _ in range(3)]
+    live = uuid.UUID(live_session(app))
+    folders = {
+        folder: tuple(f"uploads/{folder}/{name}.pdf" for name in "ab")
+        for folder in (*orphans, live)
+    }
+    put(app, *(key for keys in folders.values() for key in keys))
+    report = SweepReport(dry_run=dry_run, folders_deleted=1, objects_deleted=1, kept_raced=1)
+
+    with app.app_context():
+        storage = current_storage()
+        for batch in ([orphans[0]], [orphans[1], orphans[2], live]):
+            delete_orphans(
+                storage, [OrphanFolder(f, folders[f]) for f in batch], report, dry_run=dry_run
+            )
+
+    assert (report.folders_deleted, report.objects_deleted, report.kept_raced) == (4, 7, 2)
+
+
+def test_the_report_counts_every_folder_and_object_it_saw(
+    database_url: str, tmp_path: Path
+) -> None:
+    app = build_app(database_url, STORAGE_LOCAL_ROOT=str(tmp_path))
+    old_orphans = [str(uuid.uuid4()) for _ in range(2)]
+    recent_orphans = [str(uuid.uuid4()) for _ in range(2)]
+    live = live_session(app)
+    # A nested object belongs to its session's folder and goes with it.
+    old_keys = [f"uploads/{folder}/a.pdf" for folder in (*old_orphans, live)]
+    old_keys.append(f"uploads/{old_orphans[0]}/nested/b.pdf")
+    put(app, *old_keys, *(f"uploads/{orphan}/a.pdf" for orphan in recent_orphans))
+    two_hours_ago = (utcnow() - timedelta(hours=2)).timestamp()
+    for key in old_keys:
+        os.utime(tmp_path / key, (two_hours_ago, two_hours_ago))
+
+    report = sweep(app, minutes_later=0)
+
+    assert (report.folders_scanned, report.objects_scanned) == (5, 6)
+    assert (report.folders_deleted, report.objects_deleted) == (2, 3)
+    assert (report.kept_recent, report.kept_live) == (2, 1)
+    assert sorted(listed(app)) == sorted(
+        f"uploads/{folder}/a.pdf" for folder in (*recent_orphans, live)
+    )
 
 
 def test_a_recent_orphan_folder_is_kept(app: Flask) -> None:
@@ -226,6 +276,7 @@ def test_an_unreachable_storage_is_one_audited_error(database_url: str) -> None:
     assert report.errors == 1
     [error] = audit_rows(app, "orphan_sweep_error")
     assert error.session_uuid is None
+    assert error.details["error"] == "listing failed: EndpointConnectionError"
     assert audit_rows(app, "orphan_sweep_completed")[0].details["errors"] == 1
 
 

@@ -373,6 +373,35 @@ def test_a_limit_holds_for_any_sixty_seconds(database_url: str) -> None:
     assert statuses == [200] * 11 + [429]
 
 
+def test_every_window_of_a_limit_counts_a_new_session(database_url: str) -> None:
+    client = build_app(database_url, SESSION_RATE_LIMIT="1/second;2/hour").test_client()
+    start = datetime.now(UTC)
+
+    def at(seconds: int) -> int:
+        with time_machine.travel(start + timedelta(seconds=seconds), tick=False):
+            return generate(client)
+
+    # One a second is allowed each time, but the hour's two are spent by the second request.
+    assert [at(0), at(2), at(4)] == [200, 200, 429]
+
+
+def test_a_new_session_refusal_says_when_its_own_window_frees_up(database_url: str) -> None:
+    client = build_app(database_url, SESSION_RATE_LIMIT="2/minute").test_client()
+    start = datetime.now(UTC)
+
+    def at(seconds: int):
+        with time_machine.travel(start + timedelta(seconds=seconds), tick=False):
+            return client.post("/api/v1/generate-uuid", headers=JSON_HEADERS)
+
+    at(0)
+    at(1)
+    refused = at(50)
+
+    assert refused.status_code == 429
+    # The first of the two frees up at second 60: ten seconds from now.
+    assert refused.headers["Retry-After"] == "10"
+
+
 def test_retry_after_is_the_time_left_in_the_window(database_url: str) -> None:
     client = build_app(database_url, EMAIL_RATE_LIMIT="1/minute").test_client()
     body = {"email": "someone@example.org"}
