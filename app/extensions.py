@@ -1,13 +1,14 @@
 """Extension objects, created unbound and bound to an app in the factory, and database helpers."""
 
 import hashlib
+from typing import Any
 
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData, text
+from sqlalchemy import CursorResult, Executable, MetaData, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase
 
@@ -43,6 +44,16 @@ migrate = Migrate()
 limiter = Limiter(key_func=client_key)
 cors = CORS()
 api = SessionApi()
+
+
+def execute(statement: Executable, params: Any = None) -> CursorResult[Any]:
+    """Run a Core statement in the current transaction, without flushing pending ORM changes.
+
+    Through the connection rather than ``db.session.execute``: a table-level statement needs
+    none of the ORM's per-call work. Callers must not depend on an object added to the session
+    but not yet flushed.
+    """
+    return db.session.connection().execute(statement, params)
 
 
 def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:

@@ -96,6 +96,11 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(RedactingJsonFormatter())
         root.addHandler(handler)
         root.addHandler(recent_problems)
+    # No line names a thread or a process, so records need not collect them: the logging
+    # module's documented saving for code that logs on every request.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # The development server logs raw paths, which carry session UUIDs; our access log replaces it.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # flask-limiter names the client address of every refusal; refusals are audited instead.

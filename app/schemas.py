@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from typing import Any
 
 import marshmallow as ma
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
+
+# Unicode's Cc (control) and Cs (surrogate) categories, exactly.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # Longer than any UUID spelling, short enough that no one can ship a payload in the field.
 MAX_UUID_FIELD_LENGTH = 64
@@ -37,7 +40,7 @@ class Text(fields.String):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text: str = super()._deserialize(value, attr, data, **kwargs)
-        if any(unicodedata.category(char) in ("Cc", "Cs") for char in text):
+        if _UNPRINTABLE.search(text):
             raise self.make_error("unprintable")
         return text
 

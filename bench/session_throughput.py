@@ -1,13 +1,18 @@
 """Throughput of generate-uuid and validate-uuid against a bare Flask + psycopg2 INSERT endpoint.
 
-Both are served by gunicorn with the same worker count on the same PostgreSQL server,
-driven by the same closed-loop load. Prints requests/second and the ratio to the bare
-endpoint (target: at least 0.8).
+The app, the bare endpoint (bench/bare_app.py) and the floors (bench/floor_app.py,
+bench/stack_floor_app.py) are
+served by gunicorn with the same worker count on the same PostgreSQL server, and driven by wrk
+(a C load generator: one written in Python would burn the cores the servers need). The targets
+are alternated round by round. Prints, per endpoint, the median req/s, its ratio to the bare
+endpoint and to the SQLAlchemy floor, p50/p99 latency, and each gunicorn worker's RSS after
+the run (target: generate-uuid and validate-uuid at 0.5 of the bare endpoint or more).
 
-    python bench/session_throughput.py [--workers 4] [--clients 16] [--seconds 10]
+    python bench/session_throughput.py [--workers 4] [--threads 2] [--connections 8]
+                                       [--seconds 5] [--rounds 3]
 
-Needs PostgreSQL at BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test);
-a scratch database is created and dropped.
+Needs wrk (`apt-get install wrk`) and PostgreSQL at BENCH_DATABASE_URL (default
+postgresql://postgres@127.0.0.1:5432/test); a scratch database is created and dropped.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import multiprocessing
 import os
-import random
+import re
+import shutil
+import statistics
 import subprocess
 import sys
-import threading
-import time
+import tempfile
 import uuid
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.servers import gunicorn_process  # noqa: E402
+
+# The app at its defaults, but for a new-session limit no benchmark could stay under (wrk
+# sends thousands a second from one address); the limiter still counts every request.
+APP_ENV = {
+    "SECRET_KEY": "bench",
+    "SESSION_RATE_LIMIT": "100000000/minute",
+    "RESUME_RATE_LIMIT": "100000000/minute",
+    "RESUME_IP_RATE_LIMIT": "100000000/minute",
+}
 
 
 def admin(url: str, statement: str) -> None:
@@ -64,129 +79,198 @@ def migrate(env: dict[str, str]) -> None:
     )
 
 
-def _client_process(
-    port: int, path: str, bodies: list[str], threads: int, seconds: float, out
-) -> None:
-    counts = [0] * threads
-    errors = [0] * threads
-    deadline = time.monotonic() + seconds
-
-    def loop(slot: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        headers = {"Content-Type": "application/json", "Accept": "application/json; version=v1"}
-        while time.monotonic() < deadline:
-            body = random.choice(bodies) if bodies else None
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                if response.status == 200:
-                    counts[slot] += 1
-                else:
-                    errors[slot] += 1
-                if response.getheader("Connection", "").lower() == "close":
-                    conn.close()
-            except (OSError, http.client.HTTPException):
-                errors[slot] += 1
-                conn.close()
-
-    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    out.put((sum(counts), sum(errors)))
+def lua_script(path: str, bodies: list[str]) -> str:
+    """A wrk script that POSTs to ``path``, cycling through ``bodies`` (none: an empty body)."""
+    quoted = ", ".join(json.dumps(body) for body in bodies) or '""'
+    return f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json"
+local bodies = {{ {quoted} }}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "{path}", nil, bodies[(n % #bodies) + 1])
+end
+"""
 
 
-def measure(
-    port: int, path: str, bodies: list[str], clients: int, seconds: float
-) -> tuple[float, int]:
-    """Requests per second (HTTP 200 only) and the error count under ``clients`` closed loops."""
-    processes = 2
-    queue: multiprocessing.Queue = multiprocessing.Queue()
-    procs = [
-        multiprocessing.Process(
-            target=_client_process, args=(port, path, bodies, clients // processes, seconds, queue)
-        )
-        for _ in range(processes)
+_DURATION = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _DURATION[unit]
+
+
+@dataclass
+class Round:
+    """What wrk measured in one run against one endpoint."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
+
+
+def run_wrk(url: str, script: Path, args: argparse.Namespace) -> Round:
+    """One wrk run; failed counts non-2xx answers, socket errors and timeouts."""
+    command = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{args.seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
     ]
-    started = time.monotonic()
-    for proc in procs:
-        proc.start()
-    results = [queue.get() for _ in procs]
-    for proc in procs:
-        proc.join()
-    elapsed = time.monotonic() - started
-    return sum(ok for ok, _ in results) / elapsed, sum(err for _, err in results)
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    for counts in re.findall(r"Socket errors: (.*)", output):
+        failed += sum(int(n) for n in re.findall(r"\d+", counts))
+    return Round(rps, p50, p99, failed)
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    """The worker processes of the gunicorn master ``master_pid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(pids)
+
+
+def worker_rss_mib(master_pid: int) -> list[float]:
+    """Resident memory of each worker of the gunicorn master ``master_pid``, in MiB."""
+    sizes = []
+    for pid in worker_pids(master_pid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kib = re.search(r"VmRSS:\s+(\d+) kB", status)
+        if kib:
+            sizes.append(int(kib.group(1)) / 1024)
+    return sorted(sizes)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternate the targets this many times"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the targets this often")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
     admin_url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-    with scratch_database(admin_url) as url:
-        database_url = url.set(drivername="postgresql+psycopg2").render_as_string(False)
-        dsn = url.render_as_string(hide_password=False)
-        admin(dsn, "CREATE TABLE bare_hits (id uuid PRIMARY KEY, created_at timestamptz NOT NULL)")
-        app_env = {
-            "DATABASE_URL": database_url,
-            "SECRET_KEY": "bench",
-            "SESSION_RATE_LIMIT": "100000000/minute",
-            "LOG_LEVEL": "warning",
-        }
+    with scratch_database(admin_url) as url, tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        database_url = url.render_as_string(hide_password=False)
+        # The floors are not the app: they name their driver themselves.
+        floor_url = url.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+        admin(database_url, "CREATE TABLE bare_hits (id uuid PRIMARY KEY, created_at timestamptz)")
+        app_env = {**APP_ENV, "DATABASE_URL": database_url}
         migrate(app_env)
+        floors = {"FLOOR_DATABASE_URL": floor_url, "BARE_DSN": database_url}
         with (
             gunicorn_process(
-                "wsgi:app", app_env, workers=args.workers, probe_path="/health"
-            ) as app_url,
+                "wsgi:app", app_env, workers=args.workers, probe_path="/health", output=work / "log"
+            ) as app,
             gunicorn_process(
-                "bench.bare_app:app", {"BARE_DSN": dsn}, workers=args.workers
-            ) as bare_url,
+                "bench.bare_app:app", {"BARE_DSN": database_url}, workers=args.workers
+            ) as bare,
+            gunicorn_process("bench.floor_app:app", floors, workers=args.workers) as floor,
+            gunicorn_process("bench.stack_floor_app:app", floors, workers=args.workers) as orm,
             gunicorn_process(
-                "bench.floor_app:app",
-                {"FLOOR_DATABASE_URL": database_url, "BARE_DSN": dsn},
+                "bench.stack_floor_app:app",
+                {**floors, "FLOOR_LAYERS": "limiter"},
                 workers=args.workers,
-            ) as floor_url,
+            ) as limited,
+            gunicorn_process(
+                "bench.stack_floor_app:app",
+                {**floors, "FLOOR_LAYERS": "limiter,cors"},
+                workers=args.workers,
+            ) as stack,
         ):
-            app_port, bare_port = urlsplit(app_url.url).port, urlsplit(bare_url.url).port
-            floor_port = urlsplit(floor_url.url).port
             known = []
             for _ in range(200):
-                conn = http.client.HTTPConnection("127.0.0.1", app_port)
+                conn = http.client.HTTPConnection("127.0.0.1", urlsplit(app.url).port)
                 conn.request("POST", "/api/v1/generate-uuid")
                 known.append(json.dumps({"uuid": json.loads(conn.getresponse().read())["uuid"]}))
+                conn.close()
             targets = {
-                "bare INSERT": (bare_port, "/bare", []),
-                "floor: psycopg2": (floor_port, "/floor/psycopg2", []),
-                "floor: SQLAlchemy": (floor_port, "/floor/sqlalchemy", []),
-                "generate-uuid": (app_port, "/api/v1/generate-uuid", []),
-                "validate-uuid (resume)": (app_port, "/api/v1/validate-uuid", known),
+                "bare INSERT": (bare, "/bare", []),
+                "floor: psycopg2": (floor, "/floor/psycopg2", []),
+                "floor: SQLAlchemy": (floor, "/floor/sqlalchemy", []),
+                "floor: + Flask-SQLAlchemy": (orm, "/floor/stack", []),
+                "floor: + flask-limiter": (limited, "/floor/stack", []),
+                "floor: + flask-cors": (stack, "/floor/stack", []),
+                "generate-uuid": (app, "/api/v1/generate-uuid", []),
+                "validate-uuid (resume)": (app, "/api/v1/validate-uuid", known),
             }
-            for port, path, bodies in targets.values():
-                measure(port, path, bodies, args.clients, 2.0)  # warm-up
-            rates: dict[str, list[float]] = {name: [] for name in targets}
-            errors = dict.fromkeys(targets, 0)
+            scripts = {}
+            for name, (_, path, bodies) in targets.items():
+                scripts[name] = work / f"{len(scripts)}.lua"
+                scripts[name].write_text(lua_script(path, bodies))
+            warm_up = argparse.Namespace(**{**vars(args), "seconds": 2})
+            for name, (server, _, _) in targets.items():
+                run_wrk(server.url, scripts[name], warm_up)
+            rounds: dict[str, list[Round]] = {name: [] for name in targets}
             for _ in range(args.rounds):
-                for name, (port, path, bodies) in targets.items():
-                    rps, failed = measure(port, path, bodies, args.clients, args.seconds)
-                    rates[name].append(rps)
-                    errors[name] += failed
+                for name, (server, _, _) in targets.items():
+                    rounds[name].append(run_wrk(server.url, scripts[name], args))
+            rss = {
+                "app": worker_rss_mib(app.process.pid),
+                "bare": worker_rss_mib(bare.process.pid),
+                "floors": worker_rss_mib(floor.process.pid),
+                "design-card floor": worker_rss_mib(stack.process.pid),
+            }
 
-    best = {name: sorted(values)[len(values) // 2] for name, values in rates.items()}
-    baseline = best["bare INSERT"]
+    report(args, rounds, rss)
+
+
+def report(
+    args: argparse.Namespace, rounds: dict[str, list[Round]], rss: dict[str, list[float]]
+) -> None:
+    """Print the medians of the rounds, their ratios and the workers' memory."""
+    medians = {name: statistics.median(r.rps for r in runs) for name, runs in rounds.items()}
+    bare, floor = medians["bare INSERT"], medians["floor: SQLAlchemy"]
     print(
-        f"workers={args.workers} clients={args.clients} seconds={args.seconds} rounds={args.rounds}"
+        f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, "
+        f"{args.workers} gunicorn workers each, {args.rounds} alternated rounds (median)"
     )
-    print(f"{'endpoint':<26}{'req/s (median)':>16}{'ratio':>8}{'errors':>8}")
-    for name, rps in best.items():
-        print(f"{name:<26}{rps:>16.1f}{rps / baseline:>8.2f}{errors[name]:>8}")
+    print(
+        f"{'endpoint':<28}{'req/s':>9}{'/ bare':>8}{'/ SQLA':>9}"
+        f"{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}  rounds (req/s)"
+    )
+    for name, runs in rounds.items():
+        rps = medians[name]
+        p50 = statistics.median(r.p50_ms for r in runs)
+        p99 = statistics.median(r.p99_ms for r in runs)
+        each = " ".join(f"{r.rps:.0f}" for r in runs)
+        failed = sum(r.failed for r in runs)
+        # wrk's req/s counts every answer: with failures the ratio is not one of 200s.
+        warning = "  (not every answer was 2xx: ratio invalid)" if failed else ""
+        print(
+            f"{name:<28}{rps:>9.1f}{rps / bare:>8.2f}{rps / floor:>9.2f}"
+            f"{p50:>8.2f}{p99:>8.2f}{failed:>8}  {each}{warning}"
+        )
+    print(
+        "worker RSS after the run (MiB): "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{size:.1f}" for size in sizes) for name, sizes in rss.items()
+        )
+    )
 
 
 if __name__ == "__main__":

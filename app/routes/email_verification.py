@@ -70,7 +70,7 @@ def _answer(outcome: Outcome) -> dict[str, Any]:
 
 @email_verification_bp.route("/verify-email", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
-@email_verification_bp.arguments(VerifyEmailRequestSchema)
+@email_verification_bp.arguments(VerifyEmailRequestSchema())
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def verify_email(body: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def verify_email(body: dict[str, Any]) -> dict[str, Any]:
 
 @email_verification_bp.route("/verify-code", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
-@email_verification_bp.arguments(VerifyCodeRequestSchema)
+@email_verification_bp.arguments(VerifyCodeRequestSchema())
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def verify_code(body: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def verify_code(body: dict[str, Any]) -> dict[str, Any]:
 
 @email_verification_bp.route("/resend-code", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
-@email_verification_bp.arguments(ResendCodeRequestSchema)
+@email_verification_bp.arguments(ResendCodeRequestSchema())
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def resend_code(body: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def bounded_upload(view: Callable[..., Any]) -> Callable[..., Any]:
 @files_bp.route("/upload", methods=["POST"])
 @limited_per_ip("UPLOAD_RATE_LIMIT")
 @bounded_upload
-@files_bp.arguments(UploadSchema, location="multipart")
+@files_bp.arguments(UploadSchema(), location="multipart")
 @files_bp.response(200, UploadedFileSchema)
 @files_bp.alt_response(404, response="NOT_FOUND")
 @files_bp.alt_response(409, response="CONFLICT")
@@ -77,7 +77,7 @@ def upload(form: dict[str, Any]) -> dict[str, Any]:
 
 @files_bp.route("/delete", methods=["DELETE"])
 @limited_per_ip("UPLOAD_RATE_LIMIT")
-@files_bp.arguments(DeleteFileRequestSchema)
+@files_bp.arguments(DeleteFileRequestSchema())
 @files_bp.response(200, MessageSchema)
 @files_bp.alt_response(404, response="NOT_FOUND")
 @files_bp.alt_response(429, response="TOO_MANY_REQUESTS")

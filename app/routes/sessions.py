@@ -61,7 +61,7 @@ def generate_uuid() -> dict[str, Any]:
 
 @sessions_bp.route("/validate-uuid", methods=["POST"])
 @limited_as_resume
-@sessions_bp.arguments(ValidateUuidRequestSchema)
+@sessions_bp.arguments(ValidateUuidRequestSchema())
 @sessions_bp.response(200, ValidateUuidResponseSchema)
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
 
 @sessions_bp.route("/persist_session", methods=["POST"])
 @limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
-@sessions_bp.arguments(PersistSessionRequestSchema)
+@sessions_bp.arguments(PersistSessionRequestSchema())
 @sessions_bp.response(200, PersistSessionResponseSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -165,7 +165,7 @@ def export_session(session_uuid: uuid.UUID) -> tuple[dict[str, Any], int, dict[s
 
 @sessions_bp.route("/session/<uuid:session_uuid>", methods=["PATCH"])
 @limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
-@sessions_bp.arguments(RectifyRequestSchema)
+@sessions_bp.arguments(RectifyRequestSchema())
 @sessions_bp.response(200, SessionStateSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -177,7 +177,7 @@ def rectify_session(changes: dict[str, Any], session_uuid: uuid.UUID) -> dict[st
 
 @sessions_bp.route("/session/<uuid:session_uuid>/consent", methods=["POST"])
 @limited_per_ip("SESSION_RESOURCE_RATE_LIMIT")
-@sessions_bp.arguments(ConsentRequestSchema)
+@sessions_bp.arguments(ConsentRequestSchema())
 @sessions_bp.response(200, PersistSessionResponseSchema)
 @sessions_bp.alt_response(404, response="NOT_FOUND")
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")

@@ -32,7 +32,7 @@ from app.errors import (
     StorageUnavailableError,
     UuidGenerationFailed,
 )
-from app.extensions import advisory_xact_lock, db, has_advisory_locks
+from app.extensions import advisory_xact_lock, db, execute, has_advisory_locks
 from app.models import ChatSession, RetiredSessionUUID, SessionState
 from app.services import audit
 from app.services.audit import AuditContext
@@ -146,7 +146,7 @@ def lock_live_session(session_uuid: uuid.UUID) -> None:
 
 def is_live(session_uuid: uuid.UUID) -> bool:
     """Whether a session row exists for ``session_uuid`` (no lock, no touch)."""
-    return bool(db.session.scalar(_IS_LIVE, {"session_uuid": session_uuid}))
+    return bool(execute(_IS_LIVE, {"session_uuid": session_uuid}).scalar())
 
 
 def hold_session_files(session_uuid: uuid.UUID) -> None:
@@ -250,7 +250,7 @@ def _resume_or_register(
         # to the claim's snapshot but is visible to this later statement.
         if not _is_retired(session_uuid):
             return _Claim.REGISTERED
-        db.session.execute(_UNCLAIM, {"session_uuid": session_uuid})
+        execute(_UNCLAIM, {"session_uuid": session_uuid})
         return _Claim.ENDED
     # Another request registered it between our two statements.
     if _touch(session_uuid, now):
@@ -311,15 +311,15 @@ _CLAIM = {
 def _touch(session_uuid: uuid.UUID, now: datetime) -> bool:
     """Mark a live session as seen; False if there is no such row."""
     params = {"session_uuid": session_uuid, "now": now}
-    return db.session.execute(_TOUCH, params).first() is not None
+    return execute(_TOUCH, params).first() is not None
 
 
 def _claim(session_uuid: uuid.UUID, now: datetime, client_ip: str | None) -> bool:
     """Insert a pending session unless the UUID is live or retired; True if inserted."""
     statement = _CLAIM[db.session.get_bind().dialect.name]
     params = {"session_uuid": session_uuid, "now": now, "client_ip": client_ip}
-    return db.session.execute(statement, params).first() is not None
+    return execute(statement, params).first() is not None
 
 
 def _is_retired(session_uuid: uuid.UUID) -> bool:
-    return bool(db.session.scalar(_IS_RETIRED, {"session_uuid": session_uuid}))
+    return bool(execute(_IS_RETIRED, {"session_uuid": session_uuid}).scalar())
