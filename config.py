@@ -15,7 +15,7 @@ from marshmallow.validate import Range
 DEFAULT_INSTANCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
 MIN_PRODUCTION_SECRET_LENGTH = 32
 # Values of these variables are never repeated in error messages.
-SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL"})
+SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL", "METRICS_TOKEN"})
 
 # The time budget of one request (docs/decisions.md, "Time budget"). A request waits for at most
 # this many locks one after the other (a consent withdrawal: the session's row, its file lock,
@@ -219,6 +219,16 @@ class Config:
         )
         self.ORPHAN_MIN_AGE_MINUTES = integer("ORPHAN_MIN_AGE_MINUTES", 30, validate=NOT_NEGATIVE)
 
+        # Interactive API docs at /api/v1/docs: on in development, opt-in in production.
+        self.API_DOCS_ENABLED = boolean("API_DOCS_ENABLED", self.APP_ENV != "production")
+        self.METRICS_ENABLED = boolean("METRICS_ENABLED", True)
+        self.METRICS_TOKEN = text("METRICS_TOKEN", None) or None
+        self.METRICS_SESSION_COUNT_SECONDS = integer(
+            "METRICS_SESSION_COUNT_SECONDS", 15, validate=NOT_NEGATIVE
+        )
+        # prometheus-client reads it from the environment; gunicorn.conf.py sets one if unset.
+        self.PROMETHEUS_MULTIPROC_DIR = text("PROMETHEUS_MULTIPROC_DIR", None) or None
+
         self.LOG_LEVEL = choice("LOG_LEVEL", "info", "debug", "info", "warning", "error").upper()
 
         # gunicorn.conf.py serves with these; the app checks its time budget against the timeout.
@@ -261,6 +271,19 @@ class Config:
                 problems.append("CORS_ORIGINS may not be * in production")
             if self.MAIL_BACKEND == "console":
                 problems.append("MAIL_BACKEND must be smtp in production")
+            if self.METRICS_ENABLED and self.METRICS_TOKEN is None:
+                problems.append(
+                    "METRICS_TOKEN is required in production while /metrics is served; "
+                    "set one, or METRICS_ENABLED=false"
+                )
+            elif (
+                self.METRICS_ENABLED
+                and len(self.METRICS_TOKEN or "") < MIN_PRODUCTION_SECRET_LENGTH
+            ):
+                problems.append(
+                    f"METRICS_TOKEN must be at least {MIN_PRODUCTION_SECRET_LENGTH} characters "
+                    "in production"
+                )
         if self.STORAGE_BACKEND == "s3" and self.S3_BUCKET is None:
             problems.append("S3_BUCKET is required when STORAGE_BACKEND=s3")
         if self.MAIL_BACKEND == "smtp" and self.SMTP_HOST is None:

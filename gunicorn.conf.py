@@ -4,19 +4,35 @@ The master checks the whole configuration before any worker starts, so a mistake
 once, one line per problem, instead of once per worker boot.
 """
 
+import logging
 import os
+import tempfile
 
 from dotenv import load_dotenv
 
-from app.logging_setup import exit_for_config_error
-from app.serving import JsonGunicornLogger, log_worker_abort, watch_server_problems
 from config import Config, ConfigError
 
 load_dotenv()
 try:
     settings = Config(os.environ)
 except ConfigError as error:
+    from app.logging_setup import exit_for_config_error
+
     exit_for_config_error(error)
+
+# prometheus-client chooses its multiprocess mode when it is first imported, which the app's
+# imports below do (and the workers inherit): the directory must be in the environment first.
+# Without one named, each server gets a fresh one (kept across a reload, which re-reads this
+# file), so two servers on a host never count into each other's files.
+metrics_dir = settings.PROMETHEUS_MULTIPROC_DIR or tempfile.mkdtemp(prefix="session-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+from app.serving import (  # noqa: E402
+    JsonGunicornLogger,
+    clear_metrics_dir,
+    log_worker_abort,
+    watch_server_problems,
+)
 
 bind = settings.GUNICORN_BIND
 workers = settings.WEB_CONCURRENCY
@@ -44,7 +60,10 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Report the master's warnings and errors (worker timeouts and crashes) to the admin."""
+    """Start from empty metrics; report the master's warnings and errors to the admin."""
+    # A previous run's figures would be summed into this one's.
+    clear_metrics_dir(metrics_dir)
+    logging.getLogger("gunicorn.error").info("metrics directory: %s", metrics_dir)
     watch_server_problems(os.getcwd(), settings.ADMIN_NOTIFY_DEDUP_MINUTES * 60)
 
 

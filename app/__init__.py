@@ -8,12 +8,14 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import cli, errors, mail, middleware, scheduler, storage
+from app import cli, errors, mail, metrics, middleware, scheduler, storage
 from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
+from app.routes.docs import docs_blueprint
 from app.routes.email_verification import email_verification_bp
 from app.routes.files import files_bp
 from app.routes.health import health_bp
+from app.routes.metrics import metrics_bp
 from app.routes.sessions import sessions_bp
 from app.services import admin_alerts
 from config import Config
@@ -57,6 +59,7 @@ def _init_extensions(app: Flask) -> None:
     storage.init_app(app)
     mail.init_app(app)
     admin_alerts.init_app(app)
+    metrics.init_app(app)
 
 
 def _register_blueprints(app: Flask) -> None:
@@ -64,3 +67,7 @@ def _register_blueprints(app: Flask) -> None:
     api.register_blueprint(files_bp)
     api.register_blueprint(email_verification_bp)
     api.register_blueprint(health_bp)
+    if app.config["METRICS_ENABLED"]:
+        app.register_blueprint(metrics_bp)
+    if app.config["API_DOCS_ENABLED"]:
+        app.register_blueprint(docs_blueprint(app.config["API_TITLE"]))

@@ -7,11 +7,12 @@ import math
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from app import metrics
 from app.extensions import db, limiter
 from app.messages import GENERAL_ERROR
 from app.middleware import current_correlation_id
@@ -129,6 +130,22 @@ class RateLimited(DomainError):
         self.retry_after = retry_after
 
 
+class CredentialsMissing(DomainError):
+    """A protected endpoint was called without its bearer token."""
+
+    status_code = 401
+    error = "unauthorized"
+    message = "This endpoint needs a token: send it as Authorization: Bearer <token>."
+
+
+class CredentialsRejected(DomainError):
+    """A protected endpoint was called with a token it does not accept."""
+
+    status_code = 403
+    error = "forbidden"
+    message = "This token is not accepted here."
+
+
 class UuidGenerationFailed(DomainError):
     """Every attempt to issue a fresh UUID collided."""
 
@@ -202,12 +219,15 @@ def handle_domain_error(exc: DomainError) -> Response:
     response = error_response(exc.status_code, exc.error, exc.message, exc.details)
     if exc.status_code == 503:
         response.headers["Retry-After"] = str(exc.retry_after)
+    if exc.status_code == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
 def handle_rate_limited(exc: RateLimited) -> Response:
     # Whatever the request had begun is abandoned; the refusal itself is recorded.
     db.session.rollback()
+    metrics.count_refusal(request.url_rule.rule if request.url_rule else None)
     security_monitor.on_rate_limited(exc.limit)
     response = error_response(429, exc.error, exc.message)
     response.headers["Retry-After"] = str(exc.retry_after)

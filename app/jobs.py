@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from flask import current_app
 
+from app import metrics
 from app.clock import utcnow
 from app.services.abandoned_sessions import JOB_NAME as ABANDONED_PURGE
 from app.services.abandoned_sessions import PurgeReport, purge_abandoned
@@ -82,9 +84,17 @@ def _run(
         # A dry run changes nothing, so it needs no lock and leaves no record.
         return work(now)
     interval = timedelta(minutes=current_app.config[interval_setting]) if scheduled else None
-    with exclusive_run(job_name, now=now, interval=interval) as slot:
-        if slot is None:
-            return None
-        report = work(now)
-        slot.summary = report.as_dict()
-        return report
+    started = time.monotonic()
+    try:
+        with exclusive_run(job_name, now=now, interval=interval) as slot:
+            if slot is None:
+                metrics.observe_job(job_name, "skipped", None, {})
+                return None
+            report = work(now)
+            slot.summary = report.as_dict()
+    except Exception:
+        # Taking the job, the work or recording the run: a run that did not complete failed.
+        metrics.observe_job(job_name, "failed", time.monotonic() - started, {})
+        raise
+    metrics.observe_job(job_name, "completed", time.monotonic() - started, slot.summary)
+    return report

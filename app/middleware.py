@@ -13,6 +13,7 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app import metrics
 from app.privacy import truncate_ip
 from app.services.audit import AuditContext
 
@@ -82,7 +83,8 @@ def _start_request() -> None:
 
 def _finish_response(response: Response) -> Response:
     headers = response.headers
-    headers[CORRELATION_HEADER] = current_correlation_id()
+    correlation_id = current_correlation_id()
+    headers[CORRELATION_HEADER] = correlation_id
     headers["X-API-Version"] = "v1"
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
@@ -90,17 +92,21 @@ def _finish_response(response: Response) -> Response:
     if request.is_secure:
         headers["Strict-Transport-Security"] = HSTS_VALUE
     started = g.get("request_started")
+    seconds = time.perf_counter() - started if started else 0.0
+    # The rule, not the path: paths carry session UUIDs and arbitrary caller text.
+    route = request.url_rule.rule if request.url_rule else None
     access_log.info(
         "request",
         extra={
-            "correlation_id": current_correlation_id(),
+            "correlation_id": correlation_id,
             "method": request.method,
-            # The rule, not the path: paths carry session UUIDs and arbitrary caller text.
-            "route": request.url_rule.rule if request.url_rule else None,
+            "route": route,
             "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+            "duration_ms": round(seconds * 1000, 2) if started else None,
         },
     )
+    if started:
+        metrics.observe_request(request.method, route, response.status_code, seconds)
     return response
 
 

@@ -63,6 +63,14 @@ class ServerProblemAlerts(logging.Handler):
         subprocess.Popen(command, cwd=self.project_dir, stdin=subprocess.DEVNULL)  # noqa: S603
 
 
+def clear_metrics_dir(path: str) -> None:
+    """Make ``path`` an empty directory for prometheus-client's per-worker metric files."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+
+
 def watch_server_problems(project_dir: str, window_seconds: float) -> None:
     """Attach ServerProblemAlerts to gunicorn's error log (call in the master)."""
     logging.getLogger("gunicorn.error").addHandler(ServerProblemAlerts(project_dir, window_seconds))

@@ -37,6 +37,7 @@ PRODUCTION = {
     "DATABASE_URL": "postgresql://db/app",
     "MAIL_BACKEND": "smtp",
     "SMTP_HOST": "smtp.example.org",
+    "METRICS_TOKEN": "a-scraper-token-of-32-characters",
 }
 
 
@@ -49,6 +50,8 @@ PRODUCTION = {
         ({"MAIL_BACKEND": "console"}, "MAIL_BACKEND"),
         ({"SMTP_HOST": ""}, "SMTP_HOST"),
         ({"SECRET_KEY": "x" * 31}, "SECRET_KEY must be at least 32 characters"),
+        ({"METRICS_TOKEN": ""}, "METRICS_TOKEN is required in production"),
+        ({"METRICS_TOKEN": "x" * 31}, "METRICS_TOKEN must be at least 32 characters"),
     ],
 )
 def test_production_refuses_insecure_defaults(override: dict[str, str], named: str) -> None:
@@ -63,6 +66,8 @@ def test_production_is_production_in_any_letter_case(spelling: str) -> None:
 
     assert sorted(refused.value.problems) == [
         "DATABASE_URL must point at PostgreSQL in production",
+        "METRICS_TOKEN is required in production while /metrics is served; set one, or "
+        "METRICS_ENABLED=false",
         "S3_BUCKET is required when STORAGE_BACKEND=s3",
         "SECRET_KEY is required in production",
         "SMTP_HOST is required when MAIL_BACKEND=smtp",
@@ -71,6 +76,15 @@ def test_production_is_production_in_any_letter_case(spelling: str) -> None:
 
 def test_production_starts_with_its_settings_given() -> None:
     assert make(**PRODUCTION).APP_ENV == "production"
+
+
+def test_production_serves_no_docs_unless_asked_and_no_metrics_without_a_token() -> None:
+    without_metrics = make(**{**PRODUCTION, "METRICS_TOKEN": "", "METRICS_ENABLED": "false"})
+
+    assert make(**PRODUCTION).API_DOCS_ENABLED is False
+    assert make(**PRODUCTION, API_DOCS_ENABLED="true").API_DOCS_ENABLED is True
+    assert make().API_DOCS_ENABLED is True
+    assert (without_metrics.METRICS_ENABLED, without_metrics.METRICS_TOKEN) == (False, None)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +227,7 @@ BROKEN = {
     "MAIL_BACKEND": "console",
     "MAX_UPLOAD_MB": "five",
 }
-BROKEN_NAMES = ("SECRET_KEY", "MAIL_BACKEND", "MAX_UPLOAD_MB")
+BROKEN_NAMES = ("SECRET_KEY", "MAIL_BACKEND", "METRICS_TOKEN", "MAX_UPLOAD_MB")
 
 
 def _reported_once_each(output: str) -> None:

@@ -25,6 +25,7 @@ ADMIN = "ops@chat.example"
 VISITOR = "Visitor.Name@Example.org"
 ORIGIN = "http://localhost:3000"
 FRONTEND_HEADERS = {"Accept": "application/json; version=v1", "Origin": ORIGIN}
+METRICS_TOKEN = "scraper-" + uuid.uuid4().hex
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
@@ -52,6 +53,7 @@ def production_env(
                 "SMTP_STARTTLS": "false",
                 "MAIL_FROM": "verify@chat.example",
                 "ADMIN_EMAIL": ADMIN,
+                "METRICS_TOKEN": METRICS_TOKEN,
             },
             inbox,
         )
@@ -71,6 +73,20 @@ def test_the_production_section_of_the_readme_works_as_written(
         ready = requests.get(f"{served.url}/ready", timeout=30)
         assert ready.status_code == 200, ready.text
         session_uuid = _a_whole_visit(served.url, inbox)
+        unscraped = requests.get(f"{served.url}/metrics", timeout=30)
+        scraped = requests.get(
+            f"{served.url}/metrics",
+            headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+            timeout=30,
+        )
+        docs = requests.get(f"{served.url}/api/v1/docs/", timeout=30)
+
+    assert unscraped.status_code == 401
+    assert scraped.status_code == 200
+    assert 'route="/api/v1/email-verification/verify-code",status="200"' in scraped.text
+    assert 'sessions{state="verified"} 1.0' in scraped.text
+    assert session_uuid not in scraped.text
+    assert docs.status_code == 404, "the API docs are off in production unless switched on"
 
     server_lines = json_lines(log.read_text())
     assert any(line["logger"] == "gunicorn.error" for line in server_lines)

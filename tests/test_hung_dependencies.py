@@ -52,6 +52,7 @@ def test_hung_storage_mail_and_a_locked_row_each_get_a_json_answer_in_time(
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(hung_port),
             "SMTP_STARTTLS": "false",
+            "METRICS_TOKEN": "hung-dependency-scraper-" + uuid.uuid4().hex,
         }
         operator(env, "flask", "--app", "wsgi", "db", "upgrade")
         log = tmp_path / "gunicorn.log"

@@ -32,6 +32,14 @@ email_verification_bp = ApiBlueprint(
 )
 
 SESSION_HEADER = "X-Session-ID"
+# Documented, so that the interactive docs ask for it when trying an endpoint out.
+SESSION_HEADER_PARAMETER = {
+    "in": "header",
+    "name": SESSION_HEADER,
+    "required": True,
+    "description": "The session's UUID v4.",
+    "schema": {"type": "string", "format": "uuid"},
+}
 
 
 @email_verification_bp.before_request
@@ -71,6 +79,7 @@ def _answer(outcome: Outcome) -> dict[str, Any]:
 @email_verification_bp.route("/verify-email", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(VerifyEmailRequestSchema())
+@email_verification_bp.doc(parameters=[SESSION_HEADER_PARAMETER])
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def verify_email(body: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +93,7 @@ def verify_email(body: dict[str, Any]) -> dict[str, Any]:
 @email_verification_bp.route("/verify-code", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(VerifyCodeRequestSchema())
+@email_verification_bp.doc(parameters=[SESSION_HEADER_PARAMETER])
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def verify_code(body: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +107,7 @@ def verify_code(body: dict[str, Any]) -> dict[str, Any]:
 @email_verification_bp.route("/resend-code", methods=["POST"])
 @limited_per_ip("EMAIL_RATE_LIMIT")
 @email_verification_bp.arguments(ResendCodeRequestSchema())
+@email_verification_bp.doc(parameters=[SESSION_HEADER_PARAMETER])
 @email_verification_bp.response(200, VerificationOutcomeSchema)
 @email_verification_bp.alt_response(429, response="TOO_MANY_REQUESTS")
 def resend_code(body: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from flask import Flask, current_app, has_request_context, request
 from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import metrics
 from app.clock import utcnow
 from app.extensions import db, upsert
 from app.logging_setup import recent_problems
@@ -84,10 +85,13 @@ class AdminAlerts:
                     log.warning("admin notification, ADMIN_EMAIL unset: %s", alert.subject)
                     return
                 current_mailer().send(_compose(alert, address))
+                metrics.count_email(metrics.ADMIN_NOTIFICATION_MAIL, sent=True)
             except MailUnavailable:
+                metrics.count_email(metrics.ADMIN_NOTIFICATION_MAIL, sent=False)
                 log.error("admin notification not sent: mail server unavailable")
                 self._forget(alert.signature, now)
             except Exception:
+                metrics.count_email(metrics.ADMIN_NOTIFICATION_MAIL, sent=False)
                 log.exception("admin notification failed")
                 self._forget(alert.signature, now)
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     delete,
     exists,
     false,
+    func,
     literal,
     select,
     update,
@@ -132,6 +133,15 @@ def describe(session_uuid: uuid.UUID) -> SessionOverview:
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
     return SessionOverview(chat_session, file_count)
+
+
+def count_by_state() -> dict[SessionState, int]:
+    """How many live sessions are in each state (an index-only scan on PostgreSQL)."""
+    rows = db.session.execute(_COUNT_BY_STATE).all()
+    db.session.commit()
+    counts = dict.fromkeys(SessionState, 0)
+    counts.update({SessionState(state): count for state, count in rows})
+    return counts
 
 
 def lock_live_session(session_uuid: uuid.UUID) -> None:
@@ -270,6 +280,7 @@ _TOUCH = (
 )
 _IS_RETIRED = select(exists().where(_RETIRED.c.uuid == bindparam("session_uuid")))
 _IS_LIVE = select(exists().where(_SESSIONS.c.uuid == bindparam("session_uuid")))
+_COUNT_BY_STATE = select(_SESSIONS.c.state, func.count()).group_by(_SESSIONS.c.state)
 _UNCLAIM = delete(_SESSIONS).where(_SESSIONS.c.uuid == bindparam("session_uuid"))
 
 

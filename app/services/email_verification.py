@@ -20,6 +20,7 @@ from email_validator import EmailNotValidError, validate_email
 from flask import current_app, render_template
 from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 
+from app import metrics
 from app.clock import utcnow
 from app.errors import SessionNotFound
 from app.extensions import advisory_xact_lock, db, has_advisory_locks
@@ -238,6 +239,7 @@ def _send_code(
     try:
         current_mailer().send(message)
     except MailUnavailable:
+        metrics.count_email(metrics.VERIFICATION_CODE_MAIL, sent=False)
         _undo_claim(claim, context)
         current_app.logger.warning("verification e-mail not sent: mail server unavailable")
         return _failure(
@@ -246,8 +248,10 @@ def _send_code(
             stay_on,
         )
     except Exception:
+        metrics.count_email(metrics.VERIFICATION_CODE_MAIL, sent=False)
         _undo_claim(claim, context)
         raise
+    metrics.count_email(metrics.VERIFICATION_CODE_MAIL, sent=True)
     db.session.execute(
         update(EmailSend).where(EmailSend.id == claim.send_id).values(delivered=True)
     )
