@@ -45,31 +45,34 @@ def floor_psycopg2():
     return jsonify({"status": "success", "uuid": new_id})
 
 
+def new_session_rows(new_id: uuid.UUID) -> tuple[dict, dict]:
+    """The values of a pending session row and of its ``uuid_generated`` audit row."""
+    now = datetime.now(UTC)
+    session = {
+        "uuid": new_id,
+        "state": SessionState.PENDING,
+        "created_at": now,
+        "last_seen_at": now,
+        "client_ip": "127.0.0.0",
+        "consent_user_data": False,
+        "email_verified": False,
+    }
+    audit = {
+        "occurred_at": now,
+        "event_type": "uuid_generated",
+        "session_uuid": new_id,
+        "client_ip": "127.0.0.0",
+        "correlation_id": str(uuid.uuid4()),
+        "details": {"attempt": 1},
+    }
+    return session, audit
+
+
 @app.post("/floor/sqlalchemy")
 def floor_sqlalchemy():
-    new_id, now, correlation_id = uuid.uuid4(), datetime.now(UTC), str(uuid.uuid4())
+    new_id = uuid.uuid4()
+    session, audit = new_session_rows(new_id)
     with _engine.begin() as conn:
-        conn.execute(
-            _sessions,
-            {
-                "uuid": new_id,
-                "state": SessionState.PENDING,
-                "created_at": now,
-                "last_seen_at": now,
-                "client_ip": "127.0.0.0",
-                "consent_user_data": False,
-                "email_verified": False,
-            },
-        )
-        conn.execute(
-            _audit,
-            {
-                "occurred_at": now,
-                "event_type": "uuid_generated",
-                "session_uuid": new_id,
-                "client_ip": "127.0.0.0",
-                "correlation_id": correlation_id,
-                "details": {"attempt": 1},
-            },
-        )
+        conn.execute(_sessions, session)
+        conn.execute(_audit, audit)
     return jsonify({"status": "success", "uuid": str(new_id)})

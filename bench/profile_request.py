@@ -17,8 +17,6 @@ to trace the workers (root, or ptrace allowed).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -26,7 +24,6 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +32,7 @@ from bench.session_throughput import (  # noqa: E402
     APP_ENV,
     lua_script,
     migrate,
+    resume_bodies,
     scratch_database,
     worker_pids,
 )
@@ -168,12 +166,7 @@ def main() -> None:
             probe_path="/health",
             output=Path(scratch) / "log",
         ) as app:
-            known = []
-            for _ in range(200):
-                conn = http.client.HTTPConnection("127.0.0.1", urlsplit(app.url).port)
-                conn.request("POST", "/api/v1/generate-uuid")
-                known.append(json.dumps({"uuid": json.loads(conn.getresponse().read())["uuid"]}))
-                conn.close()
+            known = resume_bodies(app.url)
             work = Path(scratch)
             profile(app.url, app.process.pid, "/api/v1/generate-uuid", [], args, work)
             profile(app.url, app.process.pid, "/api/v1/validate-uuid", known, args, work)

@@ -79,6 +79,17 @@ def migrate(env: dict[str, str]) -> None:
     )
 
 
+def resume_bodies(url: str, count: int = 200) -> list[str]:
+    """validate-uuid bodies naming ``count`` sessions freshly issued by the app at ``url``."""
+    bodies = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", urlsplit(url).port)
+        conn.request("POST", "/api/v1/generate-uuid")
+        bodies.append(json.dumps({"uuid": json.loads(conn.getresponse().read())["uuid"]}))
+        conn.close()
+    return bodies
+
+
 def lua_script(path: str, bodies: list[str]) -> str:
     """A wrk script that POSTs to ``path``, cycling through ``bodies`` (none: an empty body)."""
     quoted = ", ".join(json.dumps(body) for body in bodies) or '""'
@@ -202,12 +213,7 @@ def main() -> None:
                 workers=args.workers,
             ) as stack,
         ):
-            known = []
-            for _ in range(200):
-                conn = http.client.HTTPConnection("127.0.0.1", urlsplit(app.url).port)
-                conn.request("POST", "/api/v1/generate-uuid")
-                known.append(json.dumps({"uuid": json.loads(conn.getresponse().read())["uuid"]}))
-                conn.close()
+            known = resume_bodies(app.url)
             targets = {
                 "bare INSERT": (bare, "/bare", []),
                 "floor: psycopg2": (floor, "/floor/psycopg2", []),

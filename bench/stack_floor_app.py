@@ -10,7 +10,6 @@ security headers, no access log, no tombstone check, no retry on a collision.
 
 import os
 import uuid
-from datetime import UTC, datetime
 
 from flask import Flask, jsonify
 from flask_cors import CORS
@@ -19,7 +18,8 @@ from flask_limiter.util import get_remote_address
 from sqlalchemy import insert
 
 from app.extensions import db
-from app.models import AuditEvent, ChatSession, SessionState
+from app.models import AuditEvent, ChatSession
+from bench.floor_app import new_session_rows
 
 app = Flask(__name__)
 app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["FLOOR_DATABASE_URL"]
@@ -38,29 +38,9 @@ _audit = insert(AuditEvent.__table__)
 @app.post("/floor/stack")
 @limiter.limit("100000000/minute")
 def floor_stack():
-    new_id, now, correlation_id = uuid.uuid4(), datetime.now(UTC), str(uuid.uuid4())
-    db.session.execute(
-        _sessions,
-        {
-            "uuid": new_id,
-            "state": SessionState.PENDING,
-            "created_at": now,
-            "last_seen_at": now,
-            "client_ip": "127.0.0.0",
-            "consent_user_data": False,
-            "email_verified": False,
-        },
-    )
-    db.session.execute(
-        _audit,
-        {
-            "occurred_at": now,
-            "event_type": "uuid_generated",
-            "session_uuid": new_id,
-            "client_ip": "127.0.0.0",
-            "correlation_id": correlation_id,
-            "details": {"attempt": 1},
-        },
-    )
+    new_id = uuid.uuid4()
+    session, audit = new_session_rows(new_id)
+    db.session.execute(_sessions, session)
+    db.session.execute(_audit, audit)
     db.session.commit()
     return jsonify({"status": "success", "uuid": str(new_id)})

@@ -41,6 +41,7 @@ from app.models import (
     JobRun,
     RetiredSessionUUID,
 )
+from tests.s3_proxy import S3Proxy
 from tests.servers import PROJECT_ROOT, VENV_BIN
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -240,6 +241,14 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
+    """A proxy in front of the S3 server that counts requests and can be told to fail them."""
+    s3_proxy = S3Proxy(s3_endpoint)
+    with s3_proxy.serving() as url:
+        yield s3_proxy, url
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

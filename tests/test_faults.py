@@ -53,17 +53,18 @@ PDF = b"%PDF-1.7 fault test"
 
 
 @pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
-    s3_proxy = S3Proxy(s3_endpoint)
-    with s3_proxy.serving() as url:
-        yield s3_proxy, url
-
-
-@pytest.fixture
 def faulty_app(database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]) -> Flask:
     settings = s3_env(s3_endpoint)
     settings["S3_ENDPOINT_URL"] = proxy[1]
     return build_app(database_url, S3_MAX_ATTEMPTS="2", **settings)
+
+
+@pytest.fixture
+def one_attempt_app(database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]) -> Flask:
+    """S3 through the proxy, each call tried once: a fault is not hidden by a retry."""
+    settings = s3_env(s3_endpoint)
+    settings["S3_ENDPOINT_URL"] = proxy[1]
+    return build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
 
 
 def fail(operation: str, containing: bytes = b"") -> object:
@@ -92,6 +93,13 @@ def new_session_with_file(app: Flask) -> str:
     )
     assert response.status_code == 200
     return session_uuid
+
+
+def make_every_session_idle_for_two_days(app: Flask) -> None:
+    """Age every session past the abandoned-session threshold (a day)."""
+    with app.app_context():
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
+        db.session.commit()
 
 
 def sessions_oldest_first(app: Flask, count: int) -> list[str]:
@@ -486,9 +494,7 @@ def test_a_session_whose_listing_times_out_stalls_no_purge(
     app = build_app(database_url, S3_READ_TIMEOUT_SECONDS="1", S3_MAX_ATTEMPTS="1", **settings)
     sessions = sorted(new_session_with_file(app) for _ in range(5))
     stuck = sessions[0]  # first in line, so it is listed before the others
-    with app.app_context():
-        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
-        db.session.commit()
+    make_every_session_idle_for_two_days(app)
 
     def hang_on_stuck(name: str, path: str, body: bytes) -> None:
         if name == "ListObjectsV2" and stuck in path:
@@ -508,14 +514,11 @@ def test_a_session_whose_listing_times_out_stalls_no_purge(
 
 
 def test_storage_that_stops_answering_stops_a_purge_after_one_session(
-    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+    one_attempt_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
-    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    app = one_attempt_app
     sessions = [new_session_with_file(app) for _ in range(3)]
-    with app.app_context():
-        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
-        db.session.commit()
+    make_every_session_idle_for_two_days(app)
     proxy[0].reset()
     proxy[0].fault = lambda name, path, body: DROP
 
@@ -535,10 +538,9 @@ def test_storage_that_stops_answering_stops_a_purge_after_one_session(
 
 
 def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
-    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+    one_attempt_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
-    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    app = one_attempt_app
     sessions = sessions_oldest_first(app, 5)
     stuck = sessions[0]
     stuck_listings: list[str] = []
@@ -555,10 +557,9 @@ def test_erasing_works_through_every_batch_past_a_session_it_cannot_list(
 
 
 def test_a_batch_that_erases_nothing_ends_the_run(
-    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+    one_attempt_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
-    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    app = one_attempt_app
     sessions = sessions_oldest_first(app, 3)
     stuck = sessions[0]
     proxy[0].fault = refuse_listing(stuck)
@@ -574,14 +575,11 @@ def test_a_batch_that_erases_nothing_ends_the_run(
 
 
 def test_storage_that_stops_answering_mid_delete_is_not_retried_session_by_session(
-    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+    one_attempt_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
-    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    app = one_attempt_app
     sessions = [new_session_with_file(app) for _ in range(3)]
-    with app.app_context():
-        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
-        db.session.commit()
+    make_every_session_idle_for_two_days(app)
     proxy[0].reset()
     proxy[0].fault = lambda name, path, body: DROP if name == "DeleteObjects" else None
 
@@ -601,9 +599,7 @@ def test_a_session_that_comes_back_while_a_purge_lists_its_files_is_kept(
     settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
     app = build_app(database_url, **settings)
     session_uuid = new_session_with_file(app)
-    with app.app_context():
-        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - timedelta(days=2)))
-        db.session.commit()
+    make_every_session_idle_for_two_days(app)
     listing, resume = threading.Event(), threading.Event()
 
     def hold_the_listing(name: str, path: str, body: bytes) -> None:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -61,13 +60,6 @@ def test_a_short_interval_allows_a_tenth_of_itself_early(database_url: str) -> N
     # Five minutes less a tenth: due 4 min 30 s after the last start, not a second sooner.
     assert not run_at(T0 + timedelta(minutes=4, seconds=29))
     assert run_at(T0 + timedelta(minutes=4, seconds=30))
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
-    s3_proxy = S3Proxy(s3_endpoint)
-    with s3_proxy.serving() as url:
-        yield s3_proxy, url
 
 
 def test_a_run_in_progress_keeps_every_other_run_out(

@@ -15,12 +15,11 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from datetime import timedelta
 
 import psycopg2
-import pytest
 from flask import Flask
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
@@ -65,13 +64,6 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[tuple[S3Proxy, str]]:
-    s3_proxy = S3Proxy(s3_endpoint)
-    with s3_proxy.serving() as url:
-        yield s3_proxy, url
 
 
 def test_an_upload_waits_for_another_upload_of_its_session_and_the_limit_holds(
