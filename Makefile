@@ -25,9 +25,10 @@ run: $(VENV)/.runtime
 	$(FLASK) run --host 127.0.0.1 --port 5000
 
 ## Install the test tools, lint, type-check and run the whole test suite.
-# Two processes; a file's tests stay together (they share fixtures and servers).
+# Three processes on two cores: most tests wait on servers, not on the CPU. A file's tests stay
+# together (they share fixtures and servers).
 test: $(VENV)/.dev lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 3 --dist loadfile
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

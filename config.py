@@ -17,30 +17,12 @@ MIN_PRODUCTION_SECRET_LENGTH = 32
 # Values of these variables are never repeated in error messages.
 SECRET_VARIABLES = frozenset({"SECRET_KEY", "SMTP_PASSWORD", "DATABASE_URL", "METRICS_TOKEN"})
 
-# The time budget of one request (docs/decisions.md, "Time budget"). A request waits for at most
-# this many locks one after the other (a consent withdrawal: the session's row, its file lock,
-# its row again) and makes at most this many storage calls (an upload lists the folder, then
-# stores the file); only its first call to rate-limit counters in Redis can wait, since the
-# limiter counts in memory once Redis has failed. Its worst case must leave gunicorn this share
-# of its timeout as a margin.
-LOCK_WAITS_PER_REQUEST = 3
-STORAGE_CALLS_PER_REQUEST = 2
-BUDGET_SHARE_OF_WORKER_TIMEOUT = 0.8
-# botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
-S3_MAX_BACKOFF_SECONDS = 20
-BUDGET_VARIABLES = (
-    "RATELIMIT_STORAGE_TIMEOUT_SECONDS",
-    "DATABASE_CONNECT_TIMEOUT_SECONDS",
-    "DATABASE_LOCK_TIMEOUT_MS",
-    "DATABASE_STATEMENT_TIMEOUT_MS",
-    "STORAGE_BACKEND",
-    "S3_CONNECT_TIMEOUT_SECONDS",
-    "S3_READ_TIMEOUT_SECONDS",
-    "S3_MAX_ATTEMPTS",
-    "MAIL_BACKEND",
-    "SMTP_TIMEOUT_SECONDS",
-    "GUNICORN_TIMEOUT",
-)
+# A request's deadline may take at most this share of gunicorn's worker timeout: past the
+# deadline a request may still undo a half-done upload for a fifth of the deadline
+# (``deadline.grace``), and then answer, log and hand its alert to a thread (docs/decisions.md,
+# "One deadline per request"). Unless set, the deadline is half the worker timeout.
+DEADLINE_SHARE_OF_WORKER_TIMEOUT = 0.7
+DEFAULT_DEADLINE_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -231,13 +213,17 @@ class Config:
 
         self.LOG_LEVEL = choice("LOG_LEVEL", "info", "debug", "info", "warning", "error").upper()
 
-        # gunicorn.conf.py serves with these; the app checks its time budget against the timeout.
+        # gunicorn.conf.py serves with these; a request's deadline must fit inside the timeout.
         self.GUNICORN_BIND = text("GUNICORN_BIND", "0.0.0.0:8000")
         self.WEB_CONCURRENCY = integer(
             "WEB_CONCURRENCY", (os.cpu_count() or 1) * 2 + 1, validate=AT_LEAST_ONE
         )
         self.GUNICORN_THREADS = integer("GUNICORN_THREADS", 1, validate=AT_LEAST_ONE)
         self.GUNICORN_TIMEOUT = integer("GUNICORN_TIMEOUT", 60, validate=AT_LEAST_ONE)
+        default_deadline = max(1, int((self.GUNICORN_TIMEOUT or 0) * DEFAULT_DEADLINE_SHARE))
+        self.REQUEST_DEADLINE_SECONDS = integer(
+            "REQUEST_DEADLINE_SECONDS", default_deadline, validate=AT_LEAST_ONE
+        )
         self.GUNICORN_CERTFILE = text("GUNICORN_CERTFILE", None)
         self.GUNICORN_KEYFILE = text("GUNICORN_KEYFILE", None)
 
@@ -298,49 +284,18 @@ class Config:
                 "DATABASE_LOCK_TIMEOUT_MS must be below DATABASE_STATEMENT_TIMEOUT_MS, so that "
                 "a wait for a lock is told apart from a database that does not answer"
             )
-        if parsed(*BUDGET_VARIABLES):
-            problems += self._budget_problems()
-        return problems
-
-    def _budget_problems(self) -> list[str]:
-        """The time budget (docs/decisions.md): one request's worst wait against the timeout."""
-        worst = self.request_worst_case_seconds()
-        allowed = self.GUNICORN_TIMEOUT * BUDGET_SHARE_OF_WORKER_TIMEOUT
-        if worst <= allowed:
-            return []
-        return [
-            f"one request may wait {worst:g} s on its dependencies (database: "
-            "DATABASE_CONNECT_TIMEOUT_SECONDS + DATABASE_STATEMENT_TIMEOUT_MS + "
-            f"{LOCK_WAITS_PER_REQUEST} x DATABASE_LOCK_TIMEOUT_MS; storage: "
-            f"{STORAGE_CALLS_PER_REQUEST} x S3_MAX_ATTEMPTS x (S3_CONNECT_TIMEOUT_SECONDS + "
-            "S3_READ_TIMEOUT_SECONDS) plus retry back-off; mail: SMTP_TIMEOUT_SECONDS; rate-limit "
-            "counters in Redis: 2 x RATELIMIT_STORAGE_TIMEOUT_SECONDS), more "
-            f"than {BUDGET_SHARE_OF_WORKER_TIMEOUT:.0%} of GUNICORN_TIMEOUT ({allowed:g} s): "
-            "lower those timeouts or raise GUNICORN_TIMEOUT"
-        ]
-
-    def request_worst_case_seconds(self) -> float:
-        """The longest one request can wait on the database, storage and mail together."""
-        database = (
-            self.DATABASE_CONNECT_TIMEOUT_SECONDS
-            + self.DATABASE_STATEMENT_TIMEOUT_MS / 1000
-            + LOCK_WAITS_PER_REQUEST * self.DATABASE_LOCK_TIMEOUT_MS / 1000
-        )
-        storage = 0
-        if self.STORAGE_BACKEND == "s3":
-            attempts = self.S3_MAX_ATTEMPTS
-            backoff = sum(
-                min(2 ** (retry - 1), S3_MAX_BACKOFF_SECONDS) for retry in range(1, attempts)
+        if (
+            parsed("REQUEST_DEADLINE_SECONDS", "GUNICORN_TIMEOUT")
+            and self.REQUEST_DEADLINE_SECONDS
+            > self.GUNICORN_TIMEOUT * DEADLINE_SHARE_OF_WORKER_TIMEOUT
+        ):
+            problems.append(
+                f"REQUEST_DEADLINE_SECONDS ({self.REQUEST_DEADLINE_SECONDS}) must be at most "
+                f"{DEADLINE_SHARE_OF_WORKER_TIMEOUT:.0%} of GUNICORN_TIMEOUT "
+                f"({self.GUNICORN_TIMEOUT}), so that a request past its deadline is answered "
+                "before gunicorn kills its worker: lower it or raise GUNICORN_TIMEOUT"
             )
-            per_call = attempts * (self.S3_CONNECT_TIMEOUT_SECONDS + self.S3_READ_TIMEOUT_SECONDS)
-            storage = STORAGE_CALLS_PER_REQUEST * (per_call + backoff)
-        mail = self.SMTP_TIMEOUT_SECONDS if self.MAIL_BACKEND == "smtp" else 0
-        counters = 0
-        if self.RATELIMIT_STORAGE_URI.startswith(("redis", "rediss")):
-            # One call's connect and read; the limiter falls back to memory after a failure.
-            counters = 2 * self.RATELIMIT_STORAGE_TIMEOUT_SECONDS
-        # A request sends mail or touches storage, never both (verify-email vs. the file calls).
-        return database + counters + max(storage, mail)
+        return problems
 
     def _derive(self) -> None:
         """Settings computed from the ones read."""
@@ -423,6 +378,14 @@ def _engine_options(
                     f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms}"
                 ),
                 "application_name": "chat-session-service",
+                # A partitioned server sends no reset: unacknowledged data gives up after
+                # tcp_user_timeout, and an idle pooled connection is found dead by keepalives
+                # instead of by the next request (docs/decisions.md, "One deadline per request").
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": connect_timeout_s * 1000 + statement_timeout_ms,
             },
         }
     if url.startswith("sqlite"):

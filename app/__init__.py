@@ -8,9 +8,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import cli, errors, mail, metrics, middleware, scheduler, storage
+from app import cli, db_deadline, errors, mail, metrics, middleware, scheduler, storage
 from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
+from app.rate_limits import bound_storage_calls
 from app.routes.docs import docs_blueprint
 from app.routes.email_verification import email_verification_bp
 from app.routes.files import files_bp
@@ -45,7 +46,13 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
 
 def _init_extensions(app: Flask) -> None:
     db.init_app(app)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        db_deadline.install(
+            connect_timeout=app.config["DATABASE_CONNECT_TIMEOUT_SECONDS"],
+            statement_timeout=app.config["DATABASE_STATEMENT_TIMEOUT_MS"] / 1000,
+        )
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, compare_type=True)
+    bound_storage_calls(app.config)
     limiter.init_app(app)
     cors.init_app(
         app,

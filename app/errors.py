@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from app import metrics
+from app.deadline import DeadlineExceeded
 from app.extensions import db, limiter
 from app.messages import GENERAL_ERROR
 from app.middleware import current_correlation_id
@@ -117,6 +118,14 @@ class SessionBusy(DomainError):
     retry_after = 1
 
 
+class DependencyTimeout(DomainError):
+    """A dependency did not answer within the request's deadline."""
+
+    status_code = 503
+    error = "dependency_timeout"
+    message = GENERAL_ERROR
+
+
 class RateLimited(DomainError):
     """The client used up a rate limit; ``retry_after`` is when its window resets."""
 
@@ -189,11 +198,22 @@ def error_response(
     if details:
         body["details"] = details
     # The e-mail verification screens show `error` to the user word for word: there it is the
-    # sentence, the machine code moves to `code`, and the screen to go to comes along.
+    # sentence, the machine code moves to `code`, and the screen to go to comes along. Those
+    # screens only read 200 answers, so a dependency that is down (503) is answered 200 there,
+    # the user staying on the screen to try again.
     if "error_transition" in g:
         body.update(error=message, code=error, nextTransition=g.error_transition)
+        if status_code == 503:
+            status_code = 200
     response = jsonify(body)
     response.status_code = status_code
+    return response
+
+
+def with_retry_after(response: Response, seconds: int) -> Response:
+    """Tell the client when to retry, on the answers that carry that (429 and 503)."""
+    if response.status_code in (429, 503):
+        response.headers["Retry-After"] = str(seconds)
     return response
 
 
@@ -218,7 +238,7 @@ def handle_domain_error(exc: DomainError) -> Response:
         admin_alerts.report_exception(exc, status=exc.status_code)
     response = error_response(exc.status_code, exc.error, exc.message, exc.details)
     if exc.status_code == 503:
-        response.headers["Retry-After"] = str(exc.retry_after)
+        with_retry_after(response, exc.retry_after)
     if exc.status_code == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
@@ -266,14 +286,10 @@ def handle_database_unavailable(exc: OperationalError) -> Response:
         log.warning("lock wait timed out", exc_info=exc)
         admin_alerts.report_exception(exc, status=503)
         busy = SessionBusy()
-        response = error_response(503, busy.error, busy.message)
-        response.headers["Retry-After"] = str(busy.retry_after)
-        return response
+        return with_retry_after(error_response(503, busy.error, busy.message), busy.retry_after)
     log.error("database unavailable", exc_info=exc)
     admin_alerts.report_exception(exc, status=503)
-    response = error_response(503, "database_unavailable", GENERAL_ERROR)
-    response.headers["Retry-After"] = "5"
-    return response
+    return with_retry_after(error_response(503, "database_unavailable", GENERAL_ERROR), 5)
 
 
 def _is_lock_wait(exc: OperationalError) -> bool:
@@ -285,6 +301,15 @@ def _is_lock_wait(exc: OperationalError) -> bool:
 def seconds_until(reset_at: float) -> int:
     """A Retry-After value: whole seconds until ``reset_at``, at least one."""
     return max(1, math.ceil(reset_at - time.time()))
+
+
+def handle_deadline_exceeded(exc: DeadlineExceeded) -> Response:
+    log.error("dependency timed out", exc_info=exc)
+    admin_alerts.report_exception(exc, status=503)
+    timeout = DependencyTimeout()
+    return with_retry_after(
+        error_response(503, timeout.error, timeout.message), timeout.retry_after
+    )
 
 
 def handle_unexpected(exc: Exception) -> Response:
@@ -300,4 +325,5 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(DomainError, handle_domain_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(OperationalError, handle_database_unavailable)
+    app.register_error_handler(DeadlineExceeded, handle_deadline_exceeded)
     app.register_error_handler(Exception, handle_unexpected)

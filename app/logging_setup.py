@@ -17,18 +17,21 @@ RECENT_LINES_KEPT = 50
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _EMAIL = re.compile(r"[\w.+%-]+@[\w-]+(?:\.[\w-]+)+")
+# A download link's token (Fernet: URL-safe base64 of a 0x80 version byte and a timestamp) is
+# a credential for one file until it expires; gunicorn quotes it in "Error handling request".
+_TOKEN = re.compile(r"gAAAAA[\w=-]{20,}")
 # Fields the app sets itself and that are safe by construction (a correlation id is a UUID).
 _TRUSTED_FIELDS = frozenset({"time", "level", "logger", "correlation_id"})
 
 
 def redact(value: Any) -> Any:
-    """``value`` with every UUID and e-mail address in its text replaced by a placeholder.
+    """``value`` with every UUID, e-mail address and link token replaced by a placeholder.
 
     Library lines (gunicorn's "Error handling request <path>", driver errors, tracebacks)
     quote whatever they were given; a session UUID or an address must not reach a log.
     """
     if isinstance(value, str):
-        return _EMAIL.sub("<email>", _UUID.sub("<uuid>", value))
+        return _TOKEN.sub("<token>", _EMAIL.sub("<email>", _UUID.sub("<uuid>", value)))
     if isinstance(value, dict):
         return {key: redact(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -7,13 +7,13 @@ import time
 import uuid
 from typing import Any
 
-from flask import Flask, Request, Response, g, request
+from flask import Flask, Request, Response, current_app, g, request
 from flask.json.provider import DefaultJSONProvider
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import metrics
+from app import deadline, metrics
 from app.privacy import truncate_ip
 from app.services.audit import AuditContext
 
@@ -78,7 +78,12 @@ def request_audit_context() -> AuditContext:
 
 def _start_request() -> None:
     g.request_started = time.perf_counter()
+    deadline.start(current_app.config["REQUEST_DEADLINE_SECONDS"])
     current_correlation_id()
+
+
+def _end_request(exc: BaseException | None) -> None:
+    deadline.clear()
 
 
 def _finish_response(response: Response) -> Response:
@@ -142,3 +147,4 @@ def init_app(app: Flask) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     app.before_request(_start_request)
     app.after_request(_finish_response)
+    app.teardown_request(_end_request)

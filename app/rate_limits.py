@@ -8,23 +8,28 @@
 - Every other limited endpoint has its own budget per client IP (``limited_per_ip``).
 
 Counters live in flask-limiter's storage (Redis when configured), keyed the way it keys its own.
-docs/decisions.md ("Rate limits") gives the reasoning behind the defaults.
+Every Redis call is bounded as a whole (app.redis_connection); after a failure the whole process,
+the new-session budget included, counts in memory until flask-limiter finds Redis answering
+again. docs/decisions.md ("Rate limits", "One deadline per request") gives the reasoning.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import limits
 from flask import current_app, request
+from limits.strategies import RateLimiter
 from werkzeug.exceptions import HTTPException
 
 from app.errors import RateLimited, seconds_until
 from app.extensions import limiter
 from app.privacy import client_key, keyed_hash
+from app.redis_connection import bounded_options
 from app.services.chat_sessions import parse_uuid4
 
 log = logging.getLogger(__name__)
@@ -51,20 +56,58 @@ class NewSessionBudget:
     def spend(self) -> None:
         """Count one new session; RateLimited if the budget was already used up.
 
-        The limits are tried shortest window first and the first refusal stops the count, as
-        flask-limiter does: a refused request must not eat into the longer windows. If the
-        counters cannot be reached, the session is allowed: a limit is no reason for an outage.
+        If the shared counters fail, the process counts in memory from then on, as flask-limiter
+        does for the route limits, until it finds the storage answering again: a limit is no
+        reason for an outage, and an outage of Redis no reason to drop the limit.
         """
-        strategy = limiter.limiter
+        try:
+            self._count(limiter.limiter)
+        except RateLimited:
+            raise
+        except Exception:
+            log.warning("rate-limit storage unavailable: counting new sessions in memory")
+            _count_in_memory_for_a_while()
+            self._count(limiter.limiter)
+
+    def _count(self, strategy: RateLimiter) -> None:
+        """Hit every window of the limit with ``strategy``; RateLimited at the first refusal.
+
+        Shortest window first, and the first refusal stops the count, as flask-limiter does: a
+        refused request must not eat into the longer windows.
+        """
         for item in _parsed(self._limit_text):
-            try:
-                if strategy.hit(item, *self._identifiers):
-                    continue
+            if not strategy.hit(item, *self._identifiers):
                 reset_at = strategy.get_window_stats(item, *self._identifiers).reset_time
-            except Exception:
-                log.warning("new-session budget not counted: rate-limit storage unavailable")
-                return
-            raise RateLimited(limit=self._limit_text, retry_after=seconds_until(reset_at))
+                raise RateLimited(limit=self._limit_text, retry_after=seconds_until(reset_at))
+
+
+# flask-limiter offers no public way to say "the storage failed" or "wait before trying it again",
+# so these two functions, and nothing else, reach into its state: the flag its own fallback sets
+# (its ``limiter`` property then answers with the in-memory limiter, and its requests check the
+# storage again with back-off), and the time of its last look at the storage, which that
+# back-off counts from. Without restarting that clock, a process whose storage failed after a
+# long healthy spell would try it again on the very next request and pay a second timeout.
+# flask-limiter sets its flag itself when a route limit fails, but never restarts the clock, so
+# every Redis connection restarts it on failure, whichever limit met the failure.
+def _count_in_memory_for_a_while() -> None:
+    """Switch every limit of the process to in-memory counting until Redis answers again."""
+    limiter._storage_dead = True
+    _wait_before_trying_storage_again()
+
+
+def _wait_before_trying_storage_again() -> None:
+    """Make flask-limiter's back-off before its next look at the storage start now."""
+    limiter._Limiter__last_check_backend = time.time()  # type: ignore[attr-defined]
+
+
+def bound_storage_calls(config: MutableMapping[str, Any]) -> None:
+    """Bound every call to a Redis counter storage as a whole; call before ``limiter.init_app``."""
+    uri = config["RATELIMIT_STORAGE_URI"]
+    if uri.startswith(("redis://", "rediss://")):
+        config["RATELIMIT_STORAGE_OPTIONS"] = {
+            **config["RATELIMIT_STORAGE_OPTIONS"],
+            **bounded_options(uri, on_failure=_wait_before_trying_storage_again),
+        }
 
 
 def new_session_budget() -> NewSessionBudget:

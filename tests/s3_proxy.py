@@ -9,8 +9,9 @@ from __future__ import annotations
 import http.client
 import threading
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +22,19 @@ FaultRule = Callable[[str, str, bytes], tuple[int, bytes] | None]
 
 # A fault answer that closes the connection unanswered, as storage that has gone away does.
 DROP = (0, b"")
+
+
+@dataclass(frozen=True)
+class Slow:
+    """How a forwarded answer misbehaves once its headers and ``after`` body bytes are sent.
+
+    ``stall`` sends nothing more and keeps the connection open until the proxy stops;
+    ``close`` drops the connection; ``trickle`` sends the rest one byte every ``interval``.
+    """
+
+    how: str
+    after: int = 0
+    interval: float = 0.5
 
 
 def operation(method: str, path: str) -> str:
@@ -53,6 +67,9 @@ class S3Proxy:
         self.counts: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.fault: FaultRule | None = None
+        # Operation name -> how its forwarded answers misbehave.
+        self.slow: dict[str, Slow] = {}
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
 
     def reset(self) -> None:
@@ -112,11 +129,32 @@ class S3Proxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
+                slow = proxy.slow.get(name)
+                if self.command != "HEAD" and slow is not None:
+                    self._misbehave(payload, slow)
+                    upstream.close()
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(payload)
                 upstream.close()
                 with proxy._lock:
                     proxy.completed[name] += 1
+
+            def _misbehave(self, payload: bytes, slow: Slow) -> None:
+                self.wfile.write(payload[: slow.after])
+                self.wfile.flush()
+                self.close_connection = True
+                if slow.how == "stall":
+                    proxy.stopping.wait()
+                elif slow.how == "trickle":
+                    for byte in payload[slow.after :]:
+                        if proxy.stopping.wait(slow.interval):
+                            return
+                        try:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                        except OSError:
+                            return
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 
@@ -126,4 +164,15 @@ class S3Proxy:
         """Listen on a free loopback port; yields the proxy's endpoint URL."""
         server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         server.daemon_threads = True
-        return serving_in_thread(server)
+        self.stopping.clear()
+        return _releasing(serving_in_thread(server), self.stopping)
+
+
+@contextmanager
+def _releasing(serving: AbstractContextManager[str], stopping: threading.Event) -> Iterator[str]:
+    """Serve, and release every stalled answer when the block ends."""
+    with serving as url:
+        try:
+            yield url
+        finally:
+            stopping.set()

@@ -155,31 +155,32 @@ def test_a_secret_is_never_quoted_in_a_problem() -> None:
     assert "hunter2" not in str(refused.value)
 
 
-def test_the_defaults_fit_the_time_budget_with_s3_and_smtp() -> None:
-    config = make(**PRODUCTION, STORAGE_BACKEND="s3", S3_BUCKET="b")
-
-    # database 3 + 5 + 3 lock waits of 2, then two storage calls of 2 x (2 + 5) + 1 s of back-off
-    assert config.request_worst_case_seconds() == 44
-    assert config.request_worst_case_seconds() <= 0.8 * config.GUNICORN_TIMEOUT
+def test_the_request_deadline_is_half_the_worker_timeout_unless_set() -> None:
+    assert make(**PRODUCTION).REQUEST_DEADLINE_SECONDS == 30
+    assert make(GUNICORN_TIMEOUT="30").REQUEST_DEADLINE_SECONDS == 15
+    assert make(REQUEST_DEADLINE_SECONDS="12").REQUEST_DEADLINE_SECONDS == 12
 
 
 @pytest.mark.parametrize(
     "environ",
     [
-        {"S3_MAX_ATTEMPTS": "3", "S3_READ_TIMEOUT_SECONDS": "10"},
-        {"GUNICORN_TIMEOUT": "30"},
-        {"SMTP_TIMEOUT_SECONDS": "60"},
+        {"REQUEST_DEADLINE_SECONDS": "43"},
+        {"GUNICORN_TIMEOUT": "30", "REQUEST_DEADLINE_SECONDS": "22"},
     ],
 )
-def test_settings_that_break_the_time_budget_are_refused_by_name(
+def test_a_deadline_that_leaves_gunicorn_no_margin_is_refused_by_name(
     environ: dict[str, str],
 ) -> None:
     with pytest.raises(ConfigError) as refused:
-        make(STORAGE_BACKEND="s3", S3_BUCKET="b", MAIL_BACKEND="smtp", SMTP_HOST="h", **environ)
+        make(**environ)
 
     [problem] = refused.value.problems
     for name in environ:
         assert name in problem
+
+
+def test_a_deadline_at_the_margin_is_accepted() -> None:
+    assert make(GUNICORN_TIMEOUT="30", REQUEST_DEADLINE_SECONDS="21").REQUEST_DEADLINE_SECONDS == 21
 
 
 def test_lock_waits_must_be_shorter_than_statements() -> None:

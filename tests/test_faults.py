@@ -47,6 +47,7 @@ from tests.conftest import (
 )
 from tests.s3_proxy import DROP, S3Proxy
 from tests.servers import PROJECT_ROOT, free_port
+from tests.test_atomicity import audit_refused
 
 S3_ERROR = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
 PDF = b"%PDF-1.7 fault test"
@@ -626,3 +627,25 @@ def test_a_session_that_comes_back_while_a_purge_lists_its_files_is_kept(
     assert summaries[0]["sessions_purged"] == 0
     assert session_row(app, session_uuid) is not None
     assert stored(app) == [f"uploads/{session_uuid}/cv.pdf"]
+
+
+def test_an_upload_whose_record_fails_after_storing_leaves_no_file(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    # The database refuses the upload's audit row after the object was stored: the file must go.
+    app = build_app(database_url, **storage_env)
+    client = app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+
+    with audit_refused(app, "file_uploaded"):
+        response = client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+            content_type="multipart/form-data",
+        )
+
+    assert response.status_code == 500
+    assert stored(app) == []
+    assert audit_rows(app, "file_uploaded") == []
+    listed = client.get(f"/api/v1/session/{session_uuid}/files").get_json()
+    assert listed["files"] == []

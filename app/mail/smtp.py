@@ -8,16 +8,19 @@ import ssl
 import threading
 from email.message import EmailMessage
 
+from app import deadline
 from app.mail import MailUnavailable
 
 
 class SmtpMailer:
-    """One connection per message; the whole exchange ends within ``timeout`` seconds.
+    """One connection per message; the whole exchange ends within its bound.
 
     smtplib's timeout bounds each socket operation, and one message takes dozens of them: a
     server that answers each just in time (or drips a reply one byte at a time) would hold the
-    request for many timeouts. A timer therefore cuts the connection when the deadline for the
-    whole message passes; whatever smtplib was waiting for then fails at once.
+    request for many timeouts, and the host name is looked up before any timeout applies. The
+    exchange therefore runs through ``deadline.call_within``, bounded by ``timeout`` and the
+    time the request has left; at the bound the connection is cut under whatever smtplib was
+    waiting for, and an exchange given up on never goes on to send the message late.
     """
 
     def __init__(
@@ -45,25 +48,38 @@ class SmtpMailer:
             if self.implicit_tls
             else smtplib.SMTP(timeout=self.timeout)
         )
-        deadline = threading.Timer(self.timeout, _cut, args=(smtp,))
-        deadline.daemon = True
-        deadline.start()
+        given_up = threading.Event()
+
+        def give_up() -> None:
+            given_up.set()
+            _cut(smtp)
+
+        try:
+            deadline.call_within(
+                self.timeout, lambda: self._exchange(smtp, message, given_up), on_abandon=give_up
+            )
+        except deadline.DeadlineExceeded as exc:
+            raise MailUnavailable(f"SMTP {self.host}:{self.port}: {exc}") from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            raise MailUnavailable(f"SMTP {self.host}:{self.port}: {exc}") from exc
+
+    def _exchange(
+        self, smtp: smtplib.SMTP, message: EmailMessage, given_up: threading.Event
+    ) -> None:
         try:
             smtp.connect(self.host, self.port)
             if self.starttls:
                 smtp.starttls(context=ssl.create_default_context())
             if self.username:
                 smtp.login(self.username, self.password or "")
-            smtp.send_message(message)
-        except (smtplib.SMTPException, OSError) as exc:
-            raise MailUnavailable(f"SMTP {self.host}:{self.port}: {exc}") from exc
+            if not given_up.is_set():
+                smtp.send_message(message)
         finally:
-            deadline.cancel()
-            _quit(smtp)
+            _say_goodbye(smtp)
 
 
 def _cut(smtp: smtplib.SMTP) -> None:
-    """The deadline passed: end the connection under whatever smtplib is waiting for."""
+    """End the connection under whatever smtplib is waiting for."""
     sock = smtp.sock
     if sock is not None:
         try:
@@ -72,9 +88,15 @@ def _cut(smtp: smtplib.SMTP) -> None:
             return
 
 
-def _quit(smtp: smtplib.SMTP) -> None:
-    """Say goodbye if there is time; a message accepted before this stays sent either way."""
+def _say_goodbye(smtp: smtplib.SMTP) -> None:
+    """Send QUIT and close without waiting for the reply.
+
+    The message was accepted (or refused) by then; a server slow to answer QUIT must not turn
+    a sent message into a reported failure.
+    """
     try:
-        smtp.quit()
+        if smtp.sock is not None:
+            smtp.putcmd("quit")
     except (smtplib.SMTPException, OSError):
-        smtp.close()
+        pass
+    smtp.close()

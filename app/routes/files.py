@@ -7,10 +7,11 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import current_app, request, send_file
+from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
+from app import deadline
 from app.middleware import request_audit_context
 from app.rate_limits import limited_per_ip
 from app.routes import ApiBlueprint
@@ -121,7 +122,12 @@ def list_files(session_uuid: uuid.UUID) -> dict[str, Any]:
 @files_bp.alt_response(503, response="SERVICE_UNAVAILABLE")
 def download(token: str) -> Response:
     """Download a file through its link; the link names neither the session nor the file's key."""
-    content, name = download_links.resolve(token)
-    return send_file(
-        content, mimetype=files.PDF_CONTENT_TYPE, as_attachment=True, download_name=name
+    found = download_links.resolve(token)
+    response = Response(
+        download_links.stream(found, deadline.expires_at()),
+        mimetype=files.PDF_CONTENT_TYPE,
+        direct_passthrough=True,
     )
+    response.headers["Content-Length"] = str(found.size)
+    response.headers.set("Content-Disposition", "attachment", filename=found.name)
+    return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -9,8 +10,10 @@ from datetime import datetime
 from typing import BinaryIO, NoReturn
 
 from flask import current_app
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.utils import secure_filename
 
+from app import deadline
 from app.errors import (
     FileLimitReached,
     FileNotFound,
@@ -25,6 +28,7 @@ from app.privacy import keyed_hash
 from app.services import audit, chat_sessions, download_links
 from app.services.audit import AuditContext
 from app.storage import (
+    Storage,
     StorageUnavailable,
     current_storage,
     session_objects,
@@ -34,6 +38,8 @@ from app.storage import (
 PDF_MAGIC = b"%PDF-"
 PDF_CONTENT_TYPE = "application/pdf"
 MAX_FILENAME_LENGTH = 200
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,16 +84,47 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         stored = storage.put(key, body, PDF_CONTENT_TYPE)
     except StorageUnavailable as exc:
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
-    audit.record(
-        "file_uploaded",
-        context,
-        session_uuid,
-        file_ref=file_ref(name),
-        size=size,
-        replaced=key in existing,
-    )
-    db.session.commit()
+    try:
+        audit.record(
+            "file_uploaded",
+            context,
+            session_uuid,
+            file_ref=file_ref(name),
+            size=size,
+            replaced=key in existing,
+        )
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()
+        _undo_unrecorded_upload(storage, key, replaced=key in existing)
+        raise
     return SessionFile(name, size, stored.last_modified, download_links.link(session_uuid, stored))
+
+
+def _undo_unrecorded_upload(storage: Storage, key: str, *, replaced: bool) -> None:
+    """Remove a file whose upload was stored but could not be recorded, before answering.
+
+    The client is told the upload failed, so the file must not stay without its audit row. It
+    is removed before the answer goes out, while the client waits, so no retry of the same
+    upload can be under way. A replaced file cannot be put back (its earlier content is gone),
+    so it keeps the new content the person sent, and the gap in the audit trail is logged.
+    """
+    reference = file_ref(key.rpartition("/")[2])
+    if replaced:
+        log.error(
+            "a replaced file was stored but its upload not audited", extra={"file": reference}
+        )
+        return
+    with deadline.grace():
+        try:
+            failed = storage.delete_many([key])
+        except StorageUnavailable as exc:
+            failed = {key: exc.reason}
+    if failed:
+        log.error(
+            "a file was stored but its upload could not be audited nor the file removed",
+            extra={"file": reference, "reason": failed[key]},
+        )
 
 
 def refuse_oversized_body(context: AuditContext) -> NoReturn:

@@ -40,6 +40,18 @@ class StoredObject:
     version: str
 
 
+class Content(Protocol):
+    """A stored object's content, read in pieces."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all that is left if negative); empty at the end."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection or file behind the content."""
+        ...
+
+
 class Storage(Protocol):
     """What the service needs from object storage."""
 
@@ -51,8 +63,8 @@ class Storage(Protocol):
         """Store ``body`` at ``key`` atomically: readers see the old object or the whole new one."""
         ...
 
-    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
-        """The object at ``key`` and a stream of its content, or None if there is none."""
+    def read(self, key: str) -> tuple[StoredObject, Content] | None:
+        """The object at ``key`` and its content, or None if there is none."""
         ...
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:

@@ -1,17 +1,30 @@
-"""S3 (or any S3-compatible server) through boto3."""
+"""S3 (or any S3-compatible server) through boto3.
+
+botocore's timeouts bound each connect and each socket read, not a call: a server that sends
+a byte every few seconds, or a name that takes long to resolve, would hold a call without
+limit. Every call therefore runs through ``deadline.call_within``, bounded as a whole by its
+own worst case (attempts x (connect + read) plus back-off) and the time the request has left.
+"""
 
 from __future__ import annotations
 
+import functools
+import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
+from app import deadline
+from app.storage import BATCH_SIZE, Content, StorageUnavailable, StoredObject
+
+T = TypeVar("T")
+# botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
+MAX_BACKOFF_SECONDS = 20
 
 
 class S3Storage:
@@ -28,6 +41,11 @@ class S3Storage:
         max_attempts: int,
     ) -> None:
         self.bucket = bucket
+        backoff = sum(
+            min(2 ** (retry - 1), MAX_BACKOFF_SECONDS) for retry in range(1, max_attempts)
+        )
+        self.call_timeout = max_attempts * (connect_timeout + read_timeout) + backoff
+        self.read_timeout = read_timeout
         self._client: Any = boto3.client(
             "s3",
             region_name=region,
@@ -42,73 +60,53 @@ class S3Storage:
 
     def list_pages(self, prefix: str) -> Iterator[list[StoredObject]]:
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": BATCH_SIZE}
+        pages = iter(
+            paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": BATCH_SIZE}
+            )
         )
-        try:
-            for page in pages:
-                yield [
-                    StoredObject(item["Key"], item["Size"], item["LastModified"], item["ETag"])
-                    for item in page.get("Contents", [])
-                ]
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(
-                f"listing failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
+        while (page := self._call("listing", lambda: next(pages, None))) is not None:
+            yield [
+                StoredObject(item["Key"], item["Size"], item["LastModified"], item["ETag"])
+                for item in page.get("Contents", [])
+            ]
 
     def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
         size = body.seek(0, os.SEEK_END)
         body.seek(0)
-        try:
-            stored = self._client.put_object(
+        stored = self._call(
+            "storing",
+            lambda: self._client.put_object(
                 Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(
-                f"storing failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
+            ),
+        )
         return StoredObject(key, size, datetime.now(UTC), stored["ETag"])
 
-    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
+    def read(self, key: str) -> tuple[StoredObject, Content] | None:
         try:
-            found = self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchKey"):
-                return None
-            raise StorageUnavailable(
-                f"reading failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
-        except BotoCoreError as exc:
-            raise StorageUnavailable(
-                f"reading failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
+            found = self._call(
+                "reading", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
+            )
+        except _Missing:
+            return None
         stored = StoredObject(key, found["ContentLength"], found["LastModified"], found["ETag"])
-        return stored, found["Body"]
+        return stored, _BoundedBody(found["Body"], self.read_timeout)
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
         for start in range(0, len(keys), BATCH_SIZE):
             chunk = keys[start : start + BATCH_SIZE]
-            try:
-                response = self._client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
-                )
-            except (BotoCoreError, ClientError) as exc:
-                raise StorageUnavailable(
-                    f"delete failed: {_reason(exc)}", reason=_classify(exc)
-                ) from None
+            objects = {"Objects": [{"Key": key} for key in chunk], "Quiet": True}
+            response = self._call(
+                "delete",
+                functools.partial(self._client.delete_objects, Bucket=self.bucket, Delete=objects),
+            )
             for error in response.get("Errors", []):
                 failed[error["Key"]] = str(error.get("Code"))
         return failed
 
     def check(self) -> None:
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(
-                f"bucket check failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
+        self._call("bucket check", lambda: self._client.head_bucket(Bucket=self.bucket))
 
     def create(self) -> bool:
         try:
@@ -120,16 +118,78 @@ class S3Storage:
         region = self._client.meta.region_name
         # us-east-1 is S3's default location and the one region that refuses to be named.
         location = {} if region in (None, "us-east-1") else {"LocationConstraint": region}
-        try:
-            self._client.create_bucket(
+        self._call(
+            "creating the bucket",
+            lambda: self._client.create_bucket(
                 Bucket=self.bucket,
                 **({"CreateBucketConfiguration": location} if location else {}),
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(
-                f"creating the bucket failed: {_reason(exc)}", reason=_classify(exc)
-            ) from None
+            ),
+        )
         return True
+
+    def _call(self, action: str, call: Callable[[], T]) -> T:
+        """Run one S3 call bounded as a whole; StorageUnavailable if it fails or takes too long.
+
+        A missing key on a read is no failure: it raises ``_Missing`` for the caller to answer.
+        """
+        try:
+            return deadline.call_within(self.call_timeout, call)
+        except deadline.DeadlineExceeded as exc:
+            raise StorageUnavailable(f"{action} failed: {exc}", reason="unreachable") from None
+        except ClientError as exc:
+            if action == "reading" and _error_code(exc) in ("404", "NoSuchKey"):
+                raise _Missing() from None
+            raise StorageUnavailable(
+                f"{action} failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(
+                f"{action} failed: {_reason(exc)}", reason=_classify(exc)
+            ) from None
+
+
+class _Missing(Exception):
+    """The object asked for does not exist."""
+
+
+class _BoundedBody(io.RawIOBase):
+    """An object's content whose every read ends within the read timeout and the deadline.
+
+    The caller compares what it read with the object's size: a connection that ends early is
+    not detected here.
+
+    A read abandoned at its bound shuts the connection down under it, so the thread that was
+    reading ends at once instead of following the server's trickle.
+    """
+
+    def __init__(self, body: Any, read_timeout: float) -> None:
+        self._body = body
+        self._read_timeout = read_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """What has arrived, up to ``size`` bytes, waiting only until the first arrives."""
+        amount = None if size is None or size < 0 else size
+        # urllib3's own response under botocore's wrapper: read1 returns as soon as some bytes
+        # are there, and shutdown interrupts a read blocked in another thread.
+        raw = self._body._raw_stream
+        try:
+            chunk: bytes = deadline.call_within(
+                self._read_timeout, lambda: raw.read1(amount), on_abandon=raw.shutdown
+            )
+        except deadline.DeadlineExceeded as exc:
+            raise StorageUnavailable(f"reading failed: {exc}", reason="unreachable") from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageUnavailable(
+                f"reading failed: {_reason(exc)}", reason="unreachable"
+            ) from None
+        return chunk
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 def _reason(exc: Exception) -> str:
