@@ -164,8 +164,13 @@ class Config:
         self.EMAIL_SENDS_PER_SESSION_PER_HOUR = integer(
             "EMAIL_SENDS_PER_SESSION_PER_HOUR", 3, validate=AT_LEAST_ONE
         )
+        # Per mailbox (plus-tags folded): a share per client network under a ceiling across all
+        # networks, so that a stranger's network cannot use up the owner's codes.
+        self.EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY = integer(
+            "EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY", 5, validate=AT_LEAST_ONE
+        )
         self.EMAIL_SENDS_PER_ADDRESS_PER_DAY = integer(
-            "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 5, validate=AT_LEAST_ONE
+            "EMAIL_SENDS_PER_ADDRESS_PER_DAY", 20, validate=AT_LEAST_ONE
         )
         self.EMAIL_RATE_LIMIT = text("EMAIL_RATE_LIMIT", "10/minute", validate=_rate_limit)
 
@@ -208,6 +213,9 @@ class Config:
         self.METRICS_SESSION_COUNT_SECONDS = integer(
             "METRICS_SESSION_COUNT_SECONDS", 15, validate=NOT_NEGATIVE
         )
+        # /ready answers from a verdict this recent, and checks within this bound.
+        self.READY_CACHE_SECONDS = integer("READY_CACHE_SECONDS", 5, validate=NOT_NEGATIVE)
+        self.READY_TIMEOUT_SECONDS = integer("READY_TIMEOUT_SECONDS", 3, validate=AT_LEAST_ONE)
         # prometheus-client reads it from the environment; gunicorn.conf.py sets one if unset.
         self.PROMETHEUS_MULTIPROC_DIR = text("PROMETHEUS_MULTIPROC_DIR", None) or None
 

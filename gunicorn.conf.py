@@ -42,8 +42,11 @@ threads = settings.GUNICORN_THREADS
 timeout = settings.GUNICORN_TIMEOUT
 graceful_timeout = 30
 keepalive = 5
-# Request-line and header bounds, so a client cannot hold a worker with a giant header.
-limit_request_line = 4094
+# Request-line and header bounds, so a client cannot hold a worker with a giant header. The
+# request line may be as long as gunicorn allows (8190 bytes), so that the app sees every path it
+# could and answers it in JSON (a link longer than any it issues is a JSON 404); only a longer
+# line gets gunicorn's own HTML 414, before the app is reached (docs/decisions.md).
+limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
 # TLS straight from gunicorn, when no TLS-terminating proxy stands in front.

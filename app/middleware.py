@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -35,14 +36,31 @@ def _caller_correlation_id() -> str | None:
     if len(raw) > 36:
         return None
     try:
-        caller_id = uuid.UUID(raw)
+        caller_id = str(uuid.UUID(raw))
     except ValueError:
         return None
-    # Correlation ids are logged as they are; a session's UUID is its credential and never is.
-    named = [(request.view_args or {}).get("session_uuid"), request.headers.get("X-Session-ID")]
-    if any(str(caller_id) == str(session).strip().lower() for session in named if session):
-        return None
-    return str(caller_id)
+    # Correlation ids are logged and audited as they are; a session's UUID is its credential
+    # and never is. A caller could send it in both places, so a caller id that the request
+    # names anywhere else is not adopted.
+    return None if _named_elsewhere(caller_id) else caller_id
+
+
+def _named_elsewhere(value: str) -> bool:
+    """Whether the request names ``value`` outside its correlation header, in any spelling.
+
+    Asked at the id's first use, once the view has read its body; a body that cannot be read
+    counts as naming it.
+    """
+    places = [request.path, request.query_string.decode("latin-1")]
+    own = CORRELATION_HEADER.lower()
+    places += [text for name, text in request.headers.items() if name.lower() != own]
+    try:
+        body = request.get_json(silent=True) if request.is_json else request.form.to_dict(False)
+    except HTTPException:
+        return True
+    places.append(json.dumps(body))
+    named = " ".join(places).lower()
+    return value in named or value.replace("-", "") in named.replace("-", "")
 
 
 def request_session_uuid() -> uuid.UUID | None:
@@ -79,7 +97,6 @@ def request_audit_context() -> AuditContext:
 def _start_request() -> None:
     g.request_started = time.perf_counter()
     deadline.start(current_app.config["REQUEST_DEADLINE_SECONDS"])
-    current_correlation_id()
 
 
 def _end_request(exc: BaseException | None) -> None:
@@ -94,6 +111,10 @@ def _finish_response(response: Response) -> Response:
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Referrer-Policy"] = "no-referrer"
+    # No page of this service is meant to be framed; the API's JSON is not a page at all. The
+    # docs blueprint sets its own, wider policy for its page.
+    headers["X-Frame-Options"] = "DENY"
+    headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
     if request.is_secure:
         headers["Strict-Transport-Security"] = HSTS_VALUE
     started = g.get("request_started")

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid, true
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid, false, true
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
@@ -162,7 +162,8 @@ class JobRun(Base):
 class EmailSend(Base):
     """One verification e-mail claimed or sent: the history the sending limits are counted from.
 
-    The address is kept only as a keyed hash, enough to cap sends per address.
+    The mailbox (the address with any plus-tag dropped) and the client's network are kept only
+    as keyed hashes, enough to cap sends per mailbox and per network.
     """
 
     __tablename__ = "email_sends"
@@ -175,6 +176,11 @@ class EmailSend(Base):
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     # False from the claim until the mail server accepted the message.
     delivered: Mapped[bool] = mapped_column(server_default=true())
+    # The IPv4 /24 or IPv6 /64 that asked; None for sends recorded before networks were counted.
+    network_hash: Mapped[str | None] = mapped_column(String(64))
+    # The message did not go out and the session's row could not be had to take the code back:
+    # the code on the session was never received, and the session's next step voids it.
+    failed: Mapped[bool] = mapped_column(server_default=false())
 
     __table_args__ = (
         Index("ix_email_sends_session_uuid_sent_at", "session_uuid", "sent_at"),

@@ -330,6 +330,34 @@ def smtp_server(
         controller.stop()
 
 
+@pytest.fixture
+def mail_server() -> Iterator[tuple[int, Inbox]]:
+    """A real SMTP server for one test: its port and inbox."""
+    with smtp_server() as server:
+        yield server
+
+
+@pytest.fixture
+def inbox(mail_server: tuple[int, Inbox]) -> Inbox:
+    return mail_server[1]
+
+
+@pytest.fixture
+def files_app(database_url: str, storage_env: dict[str, str]) -> Flask:
+    """An app on each database with each storage backend."""
+    return build_app(database_url, **storage_env)
+
+
+@pytest.fixture
+def files_client(files_app: Flask) -> FlaskClient:
+    return files_app.test_client()
+
+
+def new_session(client: FlaskClient) -> str:
+    """A fresh session's UUID, issued through the API."""
+    return str(client.post("/api/v1/generate-uuid", headers=JSON_HEADERS).get_json()["uuid"])
+
+
 def smtp_env(port: int) -> dict[str, str]:
     return {
         "MAIL_BACKEND": "smtp",

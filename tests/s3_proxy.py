@@ -28,6 +28,7 @@ DROP = (0, b"")
 class Slow:
     """How a forwarded answer misbehaves once its headers and ``after`` body bytes are sent.
 
+    ``hold`` sends nothing at all, not even the headers, until the proxy stops;
     ``stall`` sends nothing more and keeps the connection open until the proxy stops;
     ``close`` drops the connection; ``trickle`` sends the rest one byte every ``interval``.
     """
@@ -123,13 +124,18 @@ class S3Proxy:
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
                 response = upstream.getresponse()
                 payload = response.read()
+                slow = proxy.slow.get(name)
+                if slow is not None and slow.how == "hold":
+                    self.close_connection = True
+                    proxy.stopping.wait()
+                    upstream.close()
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in {"transfer-encoding", "connection", "content-length"}:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                slow = proxy.slow.get(name)
                 if self.command != "HEAD" and slow is not None:
                     self._misbehave(payload, slow)
                     upstream.close()

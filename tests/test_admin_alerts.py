@@ -12,8 +12,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg2
 from flask import Flask
+from sqlalchemy.engine import make_url
 
+from app.services.admin_alerts import SIGNATURES_REMEMBERED, Alert, current_alerts
 from tests.conftest import (
     GENERAL_ERROR,
     JSON_HEADERS,
@@ -27,6 +30,7 @@ from tests.conftest import (
     unreachable_s3_env,
 )
 from tests.servers import free_port, gunicorn_process
+from tests.test_faults import row_locked_elsewhere
 
 ADMIN = "admin@ops.example"
 
@@ -343,3 +347,52 @@ def test_a_notification_that_could_not_be_sent_does_not_silence_the_next(
         assert app.test_client().post("/api/v1/test-failure").status_code == 500
 
         assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+
+
+def test_a_lock_wait_and_a_lost_database_connection_are_two_alerts(postgres_url: str) -> None:
+    with smtp_server() as (port, inbox):
+        app = build_app(
+            postgres_url,
+            **smtp_env(port),
+            ADMIN_EMAIL=ADMIN,
+            DATABASE_LOCK_TIMEOUT_MS="300",
+            DATABASE_STATEMENT_TIMEOUT_MS="2000",
+        )
+        client = app.test_client()
+        session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+        persist = {"uuid": session_uuid, "consent_user_data": True}
+
+        with row_locked_elsewhere(postgres_url, session_uuid):
+            busy = client.post("/api/v1/persist_session", json=persist, headers=JSON_HEADERS)
+        assert busy.get_json()["error"] == "session_busy"
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 1)
+
+        # The database ends the app's connections, as a restart or failover does.
+        _terminate_app_connections(postgres_url)
+        lost = client.post("/api/v1/persist_session", json=persist, headers=JSON_HEADERS)
+        assert lost.get_json()["error"] == "database_unavailable"
+        assert wait_for(lambda: len(inbox.to(ADMIN)) == 2)
+
+    subjects = [message["Subject"] for message in inbox.to(ADMIN)]
+    assert all("OperationalError in sessions.persist_session" in s for s in subjects)
+
+
+def test_a_long_lived_worker_does_not_remember_every_signature(database_url: str) -> None:
+    # Every signature new (one per client network, say), each within its window.
+    app = build_app(database_url, ADMIN_NOTIFY_DEDUP_MINUTES="60")
+    with app.app_context():
+        alerts = current_alerts()
+        for number in range(SIGNATURES_REMEMBERED + 10):
+            alerts.send(Alert(subject="s", signature=f"burst:network-{number}", facts={}))
+        assert alerts.remembered() <= SIGNATURES_REMEMBERED
+
+
+def _terminate_app_connections(database_url: str) -> None:
+    url = make_url(database_url)
+    with contextlib.closing(psycopg2.connect(url.render_as_string(hide_password=False))) as admin:
+        admin.autocommit = True
+        admin.cursor().execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = 'chat-session-service'",
+            (url.database,),
+        )

@@ -8,7 +8,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -23,6 +22,7 @@ from app import create_app
 from app.clock import utcnow
 from app.extensions import db
 from app.models import ChatSession, EmailSend, SessionState
+from app.services import email_verification
 from tests.conftest import (
     JSON_HEADERS,
     Inbox,
@@ -39,17 +39,6 @@ from tests.test_faults import row_locked_elsewhere
 
 ADDRESS = "Jane.Doe@Example.com"
 STORED_ADDRESS = "Jane.Doe@example.com"
-
-
-@pytest.fixture
-def mail_server() -> Iterator[tuple[int, Inbox]]:
-    with smtp_server() as server:
-        yield server
-
-
-@pytest.fixture
-def inbox(mail_server: tuple[int, Inbox]) -> Inbox:
-    return mail_server[1]
 
 
 @pytest.fixture
@@ -509,6 +498,54 @@ def test_a_refused_send_is_undone_without_waiting_for_a_held_session(postgres_ur
     )
 
 
+def test_a_code_left_behind_by_a_failed_send_on_a_held_session_gives_no_guesses(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The finding: the send fails while another request holds the session's row, so the undo
+    # cannot put the previous code back (SKIP LOCKED) and deletes only the send record. The code
+    # nobody received must not stay usable with fresh attempts that no limit counted.
+    database_url = postgres_url  # PostgreSQL only: row locks.
+    with smtp_server() as (port, inbox):
+        app = build_app(database_url, EMAIL_SEND_COOLDOWN_SECONDS="0", **smtp_env(port))
+        client = app.test_client()
+        session_uuid = new_session(client)
+        assert outcome(call(client, "verify-email", session_uuid, {"email": ADDRESS}))[0] == (
+            "success"
+        )
+        received = code_in(inbox.messages[0])
+        # The next code is known to the test, so it can show what that code would open.
+        unreceived = "424242" if received != "424242" else "242424"
+        monkeypatch.setattr(email_verification.secrets, "randbelow", lambda _: int(unreceived))
+        inbox.delay, inbox.refuse = 1.0, 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            resend = pool.submit(call, app.test_client(), "resend-code", session_uuid, {})
+            time.sleep(0.3)  # the send is claimed; the mail server will refuse it
+            with row_locked_elsewhere(database_url, session_uuid):
+                refused = resend.result()
+        monkeypatch.undo()
+        inbox.delay = 0.0
+
+        assert outcome(refused) == ("error", "mail_unavailable", "CODE_INPUT")
+        assert len(inbox.messages) == 1
+        guessed = call(client, "verify-code", session_uuid, {"code": unreceived})
+        # The user is asked for a new code, and gets one at once: the failed send counts for
+        # no limit.
+        assert outcome(guessed) == ("error", "no_code", "CODE_INPUT")
+        assert session_row(app, session_uuid).email_verified is False
+        assert outcome(call(client, "resend-code", session_uuid, {}))[0] == "success"
+        fresh = code_in(inbox.messages[1])
+    assert outcome(call(client, "verify-code", session_uuid, {"code": fresh}))[2] == "CHAT_READY"
+    assert [e.event_type for e in audit_rows(app)][1:] == [
+        "verification_code_issued",
+        "verification_code_sent",
+        "verification_code_issued",
+        "verification_send_failed",
+        "verification_code_issued",
+        "verification_code_sent",
+        "email_verified",
+    ]
+
+
 def test_a_process_killed_while_sending_leaves_a_send_that_stops_counting(
     database_url: str,
 ) -> None:
@@ -647,6 +684,7 @@ def test_codes_are_drawn_from_all_six_digit_numbers(database_url: str) -> None:
             EMAIL_SEND_COOLDOWN_SECONDS="0",
             EMAIL_SENDS_PER_SESSION_PER_HOUR="30",
             EMAIL_SENDS_PER_ADDRESS_PER_DAY="30",
+            EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY="30",
             **smtp_env(port),
         ).test_client()
         session_uuid = new_session(client)

@@ -45,7 +45,7 @@ from tests.conftest import (
     smtp_env,
     smtp_server,
 )
-from tests.s3_proxy import DROP, S3Proxy
+from tests.s3_proxy import DROP, S3Proxy, Slow
 from tests.servers import PROJECT_ROOT, free_port
 from tests.test_atomicity import audit_refused
 
@@ -239,13 +239,10 @@ def test_a_sweep_isolates_folders_whose_delete_fails_and_tells_the_admin_once(
     proxy[0].fault = None
     assert stored(app) == [f"uploads/{folder}/a.pdf" for folder in bad]
     errors = audit_rows(app, "orphan_sweep_error")
-    assert [(str(e.session_uuid), e.details) for e in errors] == [
-        (
-            folder,
-            {"keys": [f"uploads/{folder}/a.pdf"], "error": "delete failed: InternalError from S3"},
-        )
-        for folder in bad
+    assert [(str(e.session_uuid), e.details["objects"], e.details["error"]) for e in errors] == [
+        (folder, 1, "delete failed: InternalError from S3") for folder in bad
     ]
+    assert not any("a.pdf" in json.dumps(e.details) for e in errors)
     [notice] = inbox.messages
     assert bad[0] in notice.get_body(preferencelist=("plain",)).get_content()
 
@@ -412,7 +409,7 @@ def test_readiness_names_a_missing_bucket_and_the_create_command_makes_it(
     database_url: str, s3_endpoint: str
 ) -> None:
     settings = {**s3_env(s3_endpoint), "S3_BUCKET": f"missing-{uuid.uuid4().hex[:12]}"}
-    app = build_app(database_url, **settings)
+    app = build_app(database_url, **settings, READY_CACHE_SECONDS="0")
     client, runner = app.test_client(), app.test_cli_runner()
 
     missing = client.get("/ready")
@@ -649,3 +646,29 @@ def test_an_upload_whose_record_fails_after_storing_leaves_no_file(
     assert audit_rows(app, "file_uploaded") == []
     listed = client.get(f"/api/v1/session/{session_uuid}/files").get_json()
     assert listed["files"] == []
+
+
+def test_readiness_checks_once_per_interval_and_within_its_bound(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    app = build_app(
+        database_url,
+        **{**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]},
+        READY_CACHE_SECONDS="2",
+        READY_TIMEOUT_SECONDS="1",
+        S3_READ_TIMEOUT_SECONDS="10",
+    )
+    client = app.test_client()
+
+    answers = [client.get("/ready").status_code for _ in range(20)]
+    assert answers == [200] * 20
+    assert proxy[0].counts["HeadBucket"] == 1
+
+    time.sleep(2.1)
+    proxy[0].slow["HeadBucket"] = Slow("hold")
+    started = time.monotonic()
+    stalled = client.get("/ready")
+    assert time.monotonic() - started < 2.0
+    assert stalled.status_code == 503
+    assert stalled.get_json()["reasons"]["storage"].startswith("unreachable")
+    assert proxy[0].counts["HeadBucket"] == 2

@@ -25,25 +25,12 @@ from tests.conftest import (
     audit_rows,
     base_env,
     build_app,
+    new_session,
     unreachable_s3_env,
 )
 from tests.servers import app_process
 
 PDF = b"%PDF-1.7\n" + b"0" * 2048 + b"\n%%EOF\n"
-
-
-@pytest.fixture
-def files_app(database_url: str, storage_env: dict[str, str]) -> Flask:
-    return build_app(database_url, **storage_env)
-
-
-@pytest.fixture
-def files_client(files_app: Flask) -> FlaskClient:
-    return files_app.test_client()
-
-
-def new_session(client: FlaskClient) -> str:
-    return str(client.post("/api/v1/generate-uuid", headers=JSON_HEADERS).get_json()["uuid"])
 
 
 def upload(client: FlaskClient, session_uuid: str, name: str = "cv.pdf", data: bytes = PDF):

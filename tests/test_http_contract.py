@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import uuid
+from typing import Any
 
 import pytest
 import requests
@@ -148,6 +149,48 @@ def test_a_correlation_id_naming_the_session_is_not_taken(client: FlaskClient) -
 
     assert answer.status_code == 200
     assert answer.headers["X-Correlation-ID"] != session_uuid
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "names_it"),
+    [
+        ("POST", "/api/v1/validate-uuid", lambda u: {"json": {"uuid": u}}),
+        (
+            "POST",
+            "/api/v1/persist_session",
+            lambda u: {"json": {"session_uuid": u, "consent_user_data": True}},
+        ),
+        ("DELETE", "/api/v1/delete", lambda u: {"json": {"session_uuid": u, "filename": "a.pdf"}}),
+        (
+            "POST",
+            "/api/v1/upload",
+            lambda u: {
+                "data": {"session_uuid": u, "file": (io.BytesIO(b"%PDF-1.4\n"), "a.pdf")},
+                "content_type": "multipart/form-data",
+            },
+        ),
+        (
+            "POST",
+            "/api/v1/email-verification/resend-code",
+            lambda u: {"json": {}, "headers": {"X-Session-ID": u}},
+        ),
+    ],
+)
+def test_a_correlation_id_equal_to_a_uuid_the_request_names_anywhere_is_not_taken(
+    app: Flask, client: FlaskClient, method: str, path: str, names_it: Any
+) -> None:
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+    request = names_it(session_uuid)
+    # Another spelling of the same UUID: without hyphens.
+    request["headers"] = {
+        **request.get("headers", {}),
+        "X-Correlation-ID": session_uuid.replace("-", ""),
+    }
+
+    answer = client.open(path, method=method, **request)
+
+    assert answer.headers["X-Correlation-ID"] != session_uuid
+    assert session_uuid not in {row.correlation_id for row in audit_rows(app)}
 
 
 # rate limits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import time
@@ -389,3 +391,20 @@ def test_two_workers_figures_are_summed_and_a_restart_starts_from_zero(
     assert not UUID_PATTERN.search(text)
     assert value(after_restart, "http_requests_total", **generate) == 0
     assert value(after_restart, "http_requests_total", method="GET", route="/health", status="200")
+
+
+def test_the_docs_page_cannot_be_framed_and_runs_only_its_own_scripts(sqlite_url: str) -> None:
+    client = build_app(sqlite_url).test_client()
+
+    page = client.get("/api/v1/docs/")
+    policy = page.headers["Content-Security-Policy"]
+    [inline] = re.findall(r"<script>(.*?)</script>", page.get_data(as_text=True), re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in policy
+    assert f"script-src 'self' 'sha256-{digest}';" in policy
+    assert "unsafe-inline" not in policy.split("script-src", 1)[1].split(";", 1)[0]
+    api = client.post("/api/v1/generate-uuid")
+    assert api.headers["X-Frame-Options"] == "DENY"
+    assert api.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"

@@ -16,6 +16,7 @@ from flask import Flask
 
 from app import jobs
 from app.clock import utcnow
+from app.services.files import file_ref
 from app.services.job_runs import exclusive_run
 from app.services.orphan_sweep import (
     JOB_NAME,
@@ -25,7 +26,7 @@ from app.services.orphan_sweep import (
     find_orphans,
     sweep_orphans,
 )
-from app.storage import current_storage
+from app.storage import current_storage, session_objects
 from tests.conftest import JSON_HEADERS, audit_rows, build_app, unreachable_s3_env
 
 PDF = b"%PDF-1.7 test"
@@ -62,7 +63,9 @@ def sweep(app: Flask, *, minutes_later: int = 31, dry_run: bool = False) -> Swee
         )
 
 
-def test_an_old_orphan_folder_is_deleted_and_audited_with_its_keys(app: Flask) -> None:
+def test_an_old_orphan_folder_is_deleted_and_audited_for_recovery_without_names(
+    app: Flask,
+) -> None:
     orphan = str(uuid.uuid4())
     keys = [f"uploads/{orphan}/a.pdf", f"uploads/{orphan}/b.pdf"]
     put(app, *keys)
@@ -73,7 +76,12 @@ def test_an_old_orphan_folder_is_deleted_and_audited_with_its_keys(app: Flask) -
     assert (report.folders_deleted, report.objects_deleted, report.errors) == (1, 2, 0)
     [event] = audit_rows(app, "orphan_folder_deleted")
     assert str(event.session_uuid) == orphan
-    assert event.details == {"keys": keys, "objects": 2}
+    with app.app_context():
+        refs = [file_ref(name) for name in ("a.pdf", "b.pdf")]
+    assert (event.details["objects"], event.details["bytes"]) == (2, 2 * len(PDF))
+    assert [item["file_ref"] for item in event.details["files"]] == refs
+    assert all(item["size"] == len(PDF) and item["version"] for item in event.details["files"])
+    assert "a.pdf" not in json.dumps(event.details)
     [summary] = audit_rows(app, "orphan_sweep_completed")
     assert summary.details["folders_deleted"] == 1
     # Milliseconds, not whole seconds: a sweep this small takes well under one.
@@ -95,9 +103,10 @@ def test_a_report_adds_up_over_every_batch(app: Flask, dry_run: bool) -> None:
 
     with app.app_context():
         storage = current_storage()
+        objects = {folder: tuple(session_objects(storage, folder)) for folder in folders}
         for batch in ([orphans[0]], [orphans[1], orphans[2], live]):
             delete_orphans(
-                storage, [OrphanFolder(f, folders[f]) for f in batch], report, dry_run=dry_run
+                storage, [OrphanFolder(f, objects[f]) for f in batch], report, dry_run=dry_run
             )
 
     assert (report.folders_deleted, report.objects_deleted, report.kept_raced) == (4, 7, 2)
@@ -198,7 +207,8 @@ def test_an_object_uploaded_after_listing_survives(app: Flask) -> None:
 
     assert listed(app) == [f"uploads/{orphan}/new.pdf"]
     [event] = audit_rows(app, "orphan_folder_deleted")
-    assert event.details["keys"] == [f"uploads/{orphan}/old.pdf"]
+    with app.app_context():
+        assert [item["file_ref"] for item in event.details["files"]] == [file_ref("old.pdf")]
 
 
 def test_foreign_folders_and_loose_files_are_reported_never_deleted(app: Flask) -> None:
@@ -215,7 +225,8 @@ def test_foreign_folders_and_loose_files_are_reported_never_deleted(app: Flask) 
     assert sorted(listed(app)) == sorted(foreign)
     assert (report.non_uuid_folders, report.loose_files, report.folders_deleted) == (3, 1, 0)
     assert "backups" in report.examples["non_uuid_folders"]
-    assert report.examples["loose_files"] == ["uploads/loose.pdf"]
+    with app.app_context():
+        assert report.examples["loose_files"] == [file_ref("loose.pdf")]
 
 
 def test_the_report_counts_every_stray_but_names_only_twenty(app: Flask) -> None:
@@ -225,7 +236,10 @@ def test_the_report_counts_every_stray_but_names_only_twenty(app: Flask) -> None
     report = sweep(app)
 
     assert report.loose_files == 21
-    assert report.examples["loose_files"] == loose[:20]
+    with app.app_context():
+        assert report.examples["loose_files"] == [
+            file_ref(key.removeprefix("uploads/")) for key in loose[:20]
+        ]
 
 
 def test_a_dry_run_deletes_nothing(app: Flask) -> None:
@@ -259,7 +273,9 @@ def test_a_storage_error_on_one_folder_spares_the_others(database_url: str, tmp_
     assert not (tmp_path / "uploads" / good).exists()
     [error] = audit_rows(app, "orphan_sweep_error")
     assert str(error.session_uuid) == bad
-    assert error.details["keys"] == [f"uploads/{bad}/a.pdf"]
+    assert error.details["objects"] == 1
+    with app.app_context():
+        assert [item["file_ref"] for item in error.details["files"]] == [file_ref("a.pdf")]
     assert error.details["error"]
     shutil.rmtree(target)
 

@@ -180,4 +180,34 @@ def test_no_worker_was_killed_and_no_link_reached_the_log(
     assert not [line for line in lines if "WORKER TIMEOUT" in str(line["message"])]
     assert not [line for line in lines if "SIGKILL" in str(line["message"])]
     assert url.rpartition("/")[2] not in text
+    # gunicorn did quote the cut download's path, link token and all, and it was redacted.
+    assert "<token>" in text
     assert session_uuid not in text
+
+
+def test_an_overlong_link_is_answered_in_json_by_the_app(served: Served) -> None:
+    response = requests.get(f"{served.url}/files/" + "A" * 5000, timeout=10)
+
+    assert response.status_code == 404
+    assert response.json()["error"] == "file_not_found"
+
+
+def test_an_upload_whose_answer_never_comes_leaves_no_file(served: Served) -> None:
+    # S3 stores the object, then its answer stalls: the client is told 503, so the file must go.
+    served.proxy.slow.clear()
+    session_uuid = requests.post(f"{served.url}/generate-uuid", timeout=10).json()["uuid"]
+    served.proxy.slow["PutObject"] = Slow("hold")
+    try:
+        answer = requests.post(
+            f"{served.url}/upload",
+            data={"session_uuid": session_uuid},
+            files={"file": ("stalled.pdf", b"%PDF-1.4\n", "application/pdf")},
+            timeout=30,
+        )
+    finally:
+        served.proxy.slow.clear()
+
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "storage_unavailable"
+    listed = requests.get(f"{served.url}/session/{session_uuid}/files", timeout=10).json()
+    assert listed["files"] == []

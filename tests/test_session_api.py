@@ -482,3 +482,38 @@ def test_every_call_naming_the_session_touches_it(app: Flask, client: FlaskClien
         row = session_row(app, issued)
         assert row is not None
         assert row.last_seen_at > idle_since + timedelta(minutes=59), name
+
+
+def test_an_address_given_for_verification_without_consent_is_used_for_that_and_erased(
+    app: Flask, client: FlaskClient
+) -> None:
+    # The frontend never asks for consent before the e-mail step: the address is processed
+    # because the person asked to verify it (docs/decisions.md, "Consent and the e-mail step").
+    session_uuid = register(client)
+    step = post(
+        client,
+        "email-verification/verify-email",
+        {"email": "ann@example.org"},
+        **{"X-Session-ID": session_uuid},
+    )
+    assert step.get_json()["status"] == "success"
+    stored = session_row(app, session_uuid)
+    assert stored is not None
+    assert (stored.consent_user_data, stored.email) == (False, "ann@example.org")
+    export = client.get(f"/api/v1/session/{session_uuid}/export").get_json()
+    assert "ann@example.org" in str(export)
+
+    # Declining the consent to keep personal data leaves the address its one purpose...
+    declined = post(client, "persist_session", {"uuid": session_uuid, "consent_user_data": False})
+    assert declined.status_code == 200
+    assert session_row(app, session_uuid).email == "ann@example.org"  # type: ignore[union-attr]
+
+    # ...and a withdrawal erases it like every other piece of personal data.
+    withdrawn = post(client, f"session/{session_uuid}/consent", {"consent_user_data": False})
+    assert withdrawn.status_code == 200
+    erased = session_row(app, session_uuid)
+    assert erased is not None
+    assert (erased.email, erased.email_verified) == (None, False)
+    assert "ann@example.org" not in str(
+        client.get(f"/api/v1/session/{session_uuid}/export").get_json()
+    )

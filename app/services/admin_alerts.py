@@ -12,6 +12,7 @@ notification is logged instead.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 import uuid
@@ -36,6 +37,8 @@ from app.privacy import keyed_hash
 log = logging.getLogger(__name__)
 
 USER_ACTIONS_SHOWN = 20
+# Signatures a process remembers for deduplication before it forgets expired ones.
+SIGNATURES_REMEMBERED = 1024
 
 
 @dataclass
@@ -65,8 +68,29 @@ class AdminAlerts:
             last = self._last_sent.get(alert.signature)
             if last is not None and now - last < self._window():
                 return None
+            if len(self._last_sent) >= SIGNATURES_REMEMBERED:
+                self._forget_expired(now)
             self._last_sent[alert.signature] = now
         return self._executor.submit(self._deliver, alert, now)
+
+    def _forget_expired(self, now: datetime) -> None:
+        """Drop signatures whose window has passed; past the limit, the oldest too.
+
+        A long-lived worker sees ever new signatures (a signature can name a client network);
+        the map must not grow with them. Forgetting one early only risks a repeated alert, and
+        the deployment-wide record in ``admin_notices`` still holds it back.
+        """
+        window = self._window()
+        for signature, sent_at in list(self._last_sent.items()):
+            if now - sent_at >= window:
+                del self._last_sent[signature]
+        while len(self._last_sent) >= SIGNATURES_REMEMBERED:
+            del self._last_sent[next(iter(self._last_sent))]
+
+    def remembered(self) -> int:
+        """How many signatures this process holds back (for tests and metrics)."""
+        with self._lock:
+            return len(self._last_sent)
 
     def _window(self) -> timedelta:
         return timedelta(minutes=self._app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
@@ -133,8 +157,7 @@ def report_exception(exc: BaseException, *, status: int | None = None) -> None:
 
 
 def _report_exception(exc: BaseException, status: int | None) -> None:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+    where = _where(exc)
     facts = {"Time": utcnow().isoformat(), "Error": f"{type(exc).__name__}: {exc}"}
     session_uuid = None
     endpoint = "a background job"
@@ -153,7 +176,7 @@ def _report_exception(exc: BaseException, status: int | None) -> None:
     current_alerts().send(
         Alert(
             subject=f"{status or 'Error'} {type(exc).__name__} in {endpoint}",
-            signature=f"exception:{type(exc).__name__}:{where}:{endpoint}",
+            signature=f"exception:{_cause(exc)}:{where}:{endpoint}",
             facts=facts,
             session_uuid=session_uuid,
             sections={
@@ -162,6 +185,33 @@ def _report_exception(exc: BaseException, status: int | None) -> None:
             },
         )
     )
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of the app's own code the error passed through.
+
+    The innermost frame of all is usually a library's (SQLAlchemy's ``default.py`` for every
+    database error), which would give unrelated failures one signature.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [frame for frame in frames if f"{os.sep}app{os.sep}" in frame.filename]
+    chosen = own or frames
+    if not chosen:
+        return "unknown"
+    return f"{os.path.basename(chosen[-1].filename)}:{chosen[-1].lineno}"
+
+
+def _cause(exc: BaseException) -> str:
+    """The error's type, with the driver's error and code behind a database error.
+
+    A lock wait (55P03) and a lost connection are both SQLAlchemy OperationalErrors raised
+    at the same line: different causes, which must not hide each other's alerts.
+    """
+    original = getattr(exc, "orig", None)
+    if original is None:
+        return type(exc).__name__
+    code = getattr(original, "pgcode", None)
+    return f"{type(exc).__name__}/{type(original).__name__}/{code or '-'}"
 
 
 def notify(subject: str, signature: str, facts: dict[str, str]) -> Future[None] | None:
@@ -177,7 +227,12 @@ def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None
         Alert(
             subject=f"{job}: {error[:80]}",
             signature=f"job:{job}:{error[:120]}",
-            facts={"Time": utcnow().isoformat(), "Job": job, "Error": error},
+            facts={
+                "Time": utcnow().isoformat(),
+                "Job": job,
+                "Error": error,
+                **({"Session UUID": str(session_uuid)} if session_uuid else {}),
+            },
             session_uuid=session_uuid,
         )
     )

@@ -6,8 +6,9 @@ contains it) would hand the whole session to whoever received the link. A link i
 SECRET_KEY): it reveals nothing without the key, and the app resolves it and streams the file
 itself, on both backends (a redirect to object storage would show the key, and so the
 session, to whoever follows it). It names the file and the version of the file it was issued
-for, and lives DOWNLOAD_URL_EXPIRES_SECONDS; it dies earlier when the file is deleted or
-replaced or the session ends, because the app checks all three whenever the link is used.
+for (the one put that stored it, never its content: see ``StoredVersion``), and lives
+DOWNLOAD_URL_EXPIRES_SECONDS; it dies earlier when the file is deleted or replaced, even by the
+same bytes, or the session ends, because the app checks all three whenever the link is used.
 
 A download is answered only once storage has produced the object's head and first bytes, so a
 storage that stalls before that costs a JSON 503; the rest is streamed after the view returns,
@@ -33,12 +34,12 @@ from flask import current_app, url_for
 from app import deadline
 from app.errors import FileNotFound, StorageUnavailableError
 from app.services import chat_sessions
-from app.storage import Content, StorageUnavailable, StoredObject, current_storage, session_prefix
+from app.storage import Content, StorageUnavailable, StoredVersion, current_storage, session_prefix
 
 log = logging.getLogger(__name__)
 
-# A token for the longest file name kept (200 characters) is about 500 characters, and an S3
-# store with longer version tags adds a few dozen; anything past twice that is not a link.
+# A token for the longest file name kept (200 characters) is about 500 characters; anything
+# past twice that is not a link.
 MAX_TOKEN_LENGTH = 1024
 CHUNK_BYTES = 64 * 1024
 
@@ -63,7 +64,7 @@ def _fernet(secret_key: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-def link(session_uuid: uuid.UUID, stored: StoredObject) -> str:
+def link(session_uuid: uuid.UUID, stored: StoredVersion) -> str:
     """The download link for one stored file of a session."""
     claims = {
         "s": str(session_uuid),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import math
 import secrets
 import uuid
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 
 from email_validator import EmailNotValidError, validate_email
-from flask import current_app, render_template
+from flask import current_app, has_request_context, render_template, request
 from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 
 from app import metrics
@@ -27,7 +28,7 @@ from app.extensions import advisory_xact_lock, db, has_advisory_locks
 from app.mail import MailUnavailable, current_mailer
 from app.messages import SESSION_RESET
 from app.models import ChatSession, EmailSend, SessionState
-from app.privacy import keyed_hash, mask_email
+from app.privacy import IPV4_KEPT_PREFIX, IPV6_SUBSCRIBER_PREFIX, keyed_hash, mask_email
 from app.services import audit, chat_sessions, security_monitor
 from app.services.audit import AuditContext
 
@@ -271,10 +272,12 @@ def _claim_send(
     """Within the locked transaction: refuse (committed), or put ``code`` on the session, commit."""
     session_uuid = chat_session.uuid
     address_hash = _address_hash(email)
+    network_hash = _network_hash(context)
     _serialise_sends_to(address_hash)
-    refusal = _limit_refusal(session_uuid, address_hash, now, stay_on)
-    if refusal is not None:
-        audit.record("verification_limit_hit", context, session_uuid, limit=refusal.error)
+    refused = _limit_refusal(session_uuid, address_hash, network_hash, now, stay_on)
+    if refused is not None:
+        limit, refusal = refused
+        audit.record("verification_limit_hit", context, session_uuid, limit=limit)
         db.session.commit()
         return refusal
     previous = _VerificationFields.of(chat_session)
@@ -289,7 +292,13 @@ def _claim_send(
     chat_session.verification_attempts_left = current_app.config["EMAIL_CODE_MAX_ATTEMPTS"]
     send_id = db.session.scalar(
         insert(EmailSend)
-        .values(session_uuid=session_uuid, address_hash=address_hash, sent_at=now, delivered=False)
+        .values(
+            session_uuid=session_uuid,
+            address_hash=address_hash,
+            network_hash=network_hash,
+            sent_at=now,
+            delivered=False,
+        )
         .returning(EmailSend.id)
     )
     audit.record("verification_code_issued", context, session_uuid, address_changed=address_changed)
@@ -300,33 +309,51 @@ def _claim_send(
 def _undo_claim(claim: _ClaimedSend, context: AuditContext) -> None:
     """The message did not go out: the send stops counting, and the previous code comes back.
 
-    Nothing here waits for the session's row: if another request holds it, the code claimed
-    stays on the session (nobody received it) and only the send record goes.
+    Nothing here waits for the session's row. If another request holds it, the claimed code
+    stays on the session and the send record stays too, marked failed: it counts against no
+    limit, and the session's next verification step sees it and voids that code.
     """
     chat_session = chat_sessions.session_if_free(claim.session_uuid)
-    # Only if nothing replaced the claimed code meanwhile (a newer send, a withdrawal).
-    if chat_session is not None and chat_session.verification_code_hash == claim.code_hash:
-        claim.previous.restore(chat_session)
-    db.session.execute(delete(EmailSend).where(EmailSend.id == claim.send_id))
+    if chat_session is None:
+        db.session.execute(
+            update(EmailSend).where(EmailSend.id == claim.send_id).values(failed=True)
+        )
+    else:
+        # Only if nothing replaced the claimed code meanwhile (a newer send, a withdrawal).
+        if chat_session.verification_code_hash == claim.code_hash:
+            claim.previous.restore(chat_session)
+        db.session.execute(delete(EmailSend).where(EmailSend.id == claim.send_id))
     audit.record("verification_send_failed", context, claim.session_uuid)
     db.session.commit()
 
 
+_ADDRESS_DAILY_LIMIT = "Too many codes were sent to this address today. Please try again tomorrow."
+
+
 def _limit_refusal(
-    session_uuid: uuid.UUID, address_hash: str, now: datetime, stay_on: Transition
-) -> Outcome | None:
+    session_uuid: uuid.UUID,
+    address_hash: str,
+    network_hash: str,
+    now: datetime,
+    stay_on: Transition,
+) -> tuple[str, Outcome] | None:
+    """The limit a send would break (as the audit trail names it) and the answer, or None."""
     config = current_app.config
     wait_for = _cooldown_left(_last_send(session_uuid, now), now)
     if wait_for is not None:
         wait = max(1, math.ceil(wait_for.total_seconds()))
-        return _failure(
+        return "cooldown", _failure(
             "cooldown",
             f"A code was sent moments ago. Please wait {_count(wait, 'second')} before asking "
             "again.",
             stay_on,
         )
+    # The mailbox's allowance is counted per network first, so a stranger's network uses up only
+    # its own share; the ceiling across networks still bounds the mail one inbox gets in a day.
+    # Both answer the user alike; the audit trail tells them apart.
     caps = [
         (
+            "hourly_limit",
             "hourly_limit",
             EmailSend.session_uuid == session_uuid,
             timedelta(hours=1),
@@ -334,16 +361,25 @@ def _limit_refusal(
             "Too many codes were requested for this session. Please try again in an hour.",
         ),
         (
+            "address_network_daily_limit",
+            "address_daily_limit",
+            (EmailSend.address_hash == address_hash) & (EmailSend.network_hash == network_hash),
+            timedelta(days=1),
+            "EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY",
+            _ADDRESS_DAILY_LIMIT,
+        ),
+        (
+            "address_daily_limit",
             "address_daily_limit",
             EmailSend.address_hash == address_hash,
             timedelta(days=1),
             "EMAIL_SENDS_PER_ADDRESS_PER_DAY",
-            "Too many codes were sent to this address today. Please try again tomorrow.",
+            _ADDRESS_DAILY_LIMIT,
         ),
     ]
-    for error, sender, period, setting, message in caps:
+    for limit, error, sender, period, setting, message in caps:
         if _count_sends(sender, now - period, now) >= config[setting]:
-            return _failure(error, message, stay_on)
+            return limit, _failure(error, message, stay_on)
     return None
 
 
@@ -367,7 +403,8 @@ def _counted(now: datetime) -> ColumnElement[bool]:
     in_flight = timedelta(
         seconds=config["SMTP_TIMEOUT_SECONDS"] + config["DATABASE_STATEMENT_TIMEOUT_MS"] / 1000
     )
-    return or_(EmailSend.delivered, EmailSend.sent_at > now - in_flight)
+    in_time = or_(EmailSend.delivered, EmailSend.sent_at > now - in_flight)
+    return in_time & EmailSend.failed.is_(False)
 
 
 def _count_sends(condition: ColumnElement[bool], since: datetime, now: datetime) -> int:
@@ -398,10 +435,31 @@ def _cooldown_left(last_sent: datetime | None, now: datetime) -> timedelta | Non
 def _locked_session(session_uuid: uuid.UUID) -> ChatSession | None:
     """The live session, locked until commit (one verification step at a time)."""
     try:
-        return chat_sessions.locked_session(session_uuid)
+        chat_session = chat_sessions.locked_session(session_uuid)
     except SessionNotFound:
         db.session.rollback()
         return None
+    _void_unreceived_code(chat_session)
+    return chat_session
+
+
+def _void_unreceived_code(chat_session: ChatSession) -> None:
+    """Clear the code a failed send left on the session because its row was held elsewhere.
+
+    Every code is put on the session together with its send record, under the row lock, so the
+    session's latest record tells whether its code went out. Left in place, a code nobody
+    received would take guesses that no sending limit counted.
+    """
+    if chat_session.verification_code_hash is None:
+        return
+    latest_failed = db.session.scalar(
+        select(EmailSend.failed)
+        .where(EmailSend.session_uuid == chat_session.uuid)
+        .order_by(EmailSend.id.desc())
+        .limit(1)
+    )
+    if latest_failed:
+        _clear_code(chat_session)
 
 
 def _code_is_live(chat_session: ChatSession, now: datetime) -> bool:
@@ -437,7 +495,39 @@ def _code_hash(session_uuid: uuid.UUID, code: str) -> str:
 
 
 def _address_hash(email: str) -> str:
-    return keyed_hash("address", email.lower())
+    """The keyed hash the caps count a mailbox by (see ``_mailbox``)."""
+    return keyed_hash("address", _mailbox(email))
+
+
+def _mailbox(email: str) -> str:
+    """The mailbox an address delivers to: lower case, any plus-tag dropped.
+
+    ``Ann+1@x`` and ``ann+2@x`` reach the inbox of ``ann@x``; counted apart, each tag would be a
+    fresh allowance for flooding it. A local part that starts with ``+`` has no tag to drop.
+    """
+    local, _, domain = email.lower().rpartition("@")
+    untagged = local.split("+", 1)[0]
+    return f"{untagged or local}@{domain}"
+
+
+def _network_hash(context: AuditContext) -> str:
+    """The keyed hash of the asking client's network: its IPv4 /24 or IPv6 /64."""
+    # The audit context keeps an IPv6 client only to its /48, too coarse to tell subscribers
+    # apart; the request has the whole address. Outside a request the context is all there is.
+    address = request.remote_addr if has_request_context() else context.client_ip
+    return keyed_hash("network", _client_network(address))
+
+
+def _client_network(address: str | None) -> str:
+    """``198.51.100.0/24`` or ``2001:db8:1:2::/64``; ``unknown`` if not an IP address."""
+    try:
+        ip = ipaddress.ip_address((address or "").strip())
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = IPV4_KEPT_PREFIX if ip.version == 4 else IPV6_SUBSCRIBER_PREFIX
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def _verification_message(email: str, code: str) -> EmailMessage:

@@ -79,10 +79,18 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
     key = session_prefix(session_uuid) + name
     try:
         existing = {stored.key for stored in session_objects(storage, session_uuid)}
-        if key not in existing and len(existing) >= current_app.config["MAX_FILES_PER_SESSION"]:
-            rejected("file_limit_reached", FileLimitReached())
+    except StorageUnavailable as exc:
+        rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
+    if key not in existing and len(existing) >= current_app.config["MAX_FILES_PER_SESSION"]:
+        rejected("file_limit_reached", FileLimitReached())
+    try:
         stored = storage.put(key, body, PDF_CONTENT_TYPE)
     except StorageUnavailable as exc:
+        if exc.reason == "unreachable":
+            # Given up on, not refused: storage may have the object all the same (its answer
+            # was what stalled), and the client is told it has not. The session's file lock is
+            # still held, so no other upload of this name is under way.
+            _undo_unrecorded_upload(storage, key, replaced=key in existing)
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
     try:
         audit.record(
@@ -102,7 +110,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
 
 
 def _undo_unrecorded_upload(storage: Storage, key: str, *, replaced: bool) -> None:
-    """Remove a file whose upload was stored but could not be recorded, before answering.
+    """Remove a file whose upload was (or may have been) stored but not recorded, before answering.
 
     The client is told the upload failed, so the file must not stay without its audit row. It
     is removed before the answer goes out, while the client waits, so no retry of the same
@@ -161,19 +169,27 @@ def list_files(session_uuid: uuid.UUID) -> list[SessionFile]:
     """The session's files with time-limited download links."""
     chat_sessions.lock_live_session(session_uuid)
     db.session.commit()
+    storage = current_storage()
     try:
-        return [
-            SessionFile(
-                name,
-                stored.size,
-                stored.last_modified,
-                download_links.link(session_uuid, stored),
-            )
-            for stored in session_objects(current_storage(), session_uuid)
-            if (name := stored.key.rpartition("/")[2])
+        # A listing does not say which upload each object holds (S3 lists no metadata), and a
+        # link must name one: each file is asked (a session holds a handful).
+        found = [
+            storage.head(listed.key)
+            for listed in session_objects(storage, session_uuid)
+            if listed.key.rpartition("/")[2]
         ]
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
+    return [
+        SessionFile(
+            stored.key.rpartition("/")[2],
+            stored.size,
+            stored.last_modified,
+            download_links.link(session_uuid, stored),
+        )
+        for stored in found
+        if stored is not None  # deleted since it was listed
+    ]
 
 
 def safe_filename(filename: str) -> str | None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from flask import current_app
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import deadline
 from app.extensions import db
 from app.services import admin_alerts, job_runs
 from app.services.orphan_sweep import JOB_NAME as ORPHAN_SWEEP
@@ -42,7 +45,30 @@ class Readiness:
         return all(state == "ok" for state in self.checks.values())
 
 
+@dataclass
+class _Verdict:
+    result: Readiness
+    at: float
+
+
 def readiness() -> Readiness:
+    """The readiness verdict, checked at most once per READY_CACHE_SECONDS in this process.
+
+    Probes come often and from anywhere; each check costs a query and a storage call, and a
+    hung dependency holds a worker for the check's bound. A recent verdict answers instead.
+    """
+    config = current_app.config
+    cached: _Verdict | None = current_app.extensions.get("readiness")
+    now = time.monotonic()
+    if cached is not None and now - cached.at < config["READY_CACHE_SECONDS"]:
+        return cached.result
+    with deadline.until(now + config["READY_TIMEOUT_SECONDS"]):
+        result = _check_all()
+    current_app.extensions["readiness"] = _Verdict(result, time.monotonic())
+    return result
+
+
+def _check_all() -> Readiness:
     """Check every dependency; a failing one is logged and notified to the admin."""
     result = Readiness()
     for name, check in (("database", _check_database), ("storage", _check_storage)):

@@ -6,6 +6,10 @@ folders are checked against the database a thousand at a time, orphans are packe
 batches of at most a thousand keys, and each batch is checked against the database again just
 before its one delete request. Only keys that were listed are deleted, so a file uploaded in the
 meantime survives. Cost grows with the number of objects, not with the number of sessions.
+
+Nothing the sweep records, reports or sends names a file: keys carry file names, which are
+personal data, and audit rows outlive the erasure by a year. Files are named by keyed reference
+(``file_ref``) instead, with the size and version a recovery from a backup needs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from app.models import ChatSession
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
 from app.services.chat_sessions import parse_uuid4
-from app.storage import BATCH_SIZE, UPLOADS_PREFIX, Storage, StorageUnavailable, StoredObject
+from app.services.files import file_ref
+from app.storage import (
+    BATCH_SIZE,
+    UPLOADS_PREFIX,
+    Storage,
+    StorageUnavailable,
+    StoredObject,
+    session_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +66,7 @@ class SweepReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, kind: str, name: str) -> None:
-        """Keep ``name`` as an example of ``kind`` if there is room."""
+        """Keep ``name`` (never a file name) as an example of ``kind`` if there is room."""
         names = self.examples.setdefault(kind, [])
         if len(names) < MAX_EXAMPLES:
             names.append(name)
@@ -65,10 +77,37 @@ class SweepReport:
 
 @dataclass(frozen=True)
 class OrphanFolder:
-    """A session folder with no session, and the keys listed in it."""
+    """A session folder with no session, and the objects listed in it."""
 
     session_uuid: uuid.UUID
-    keys: tuple[str, ...]
+    objects: tuple[StoredObject, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The listed keys: only these are deleted."""
+        return tuple(stored.key for stored in self.objects)
+
+    def recovery(self) -> dict[str, Any]:
+        """What restoring the folder from a backup needs, without a file name.
+
+        Each object by the keyed reference of its name within the folder (for the service's
+        own files the same ``file_ref`` its upload was audited with), its size, its version
+        and its time, which say which backup holds that very content.
+        """
+        prefix = session_prefix(self.session_uuid)
+        return {
+            "objects": len(self.objects),
+            "bytes": sum(stored.size for stored in self.objects),
+            "files": [
+                {
+                    "file_ref": file_ref(stored.key.removeprefix(prefix)),
+                    "size": stored.size,
+                    "version": stored.version,
+                    "last_modified": stored.last_modified.isoformat(),
+                }
+                for stored in self.objects
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -88,7 +127,7 @@ def sweep_orphans(
             delete_orphans(storage, batch, report, dry_run=dry_run)
     except StorageUnavailable as exc:
         report.errors += 1
-        _record_error(None, (), str(exc))
+        _record_error(None, str(exc))
     report.duration_seconds = round(time.perf_counter() - started, 3)
     if not dry_run:
         audit.record("orphan_sweep_completed", SYSTEM, **report.as_dict())
@@ -127,17 +166,13 @@ def delete_orphans(
     for folder, failures in outcomes:
         if failures:
             report.errors += 1
-            # The reasons, not the keys: the keys are recorded apart, and a text free of names
-            # lets the admin notice for one storage fault cover every folder it hits.
-            _record_error(
-                folder.session_uuid, folder.keys, "; ".join(sorted(set(failures.values())))
-            )
+            # The reasons, not the keys: keys carry file names, and a text free of them lets
+            # the admin notice for one storage fault cover every folder it hits.
+            _record_error(folder, "; ".join(sorted(set(failures.values()))))
         else:
             report.folders_deleted += 1
             report.objects_deleted += len(folder.keys)
-            deleted.append(
-                (folder.session_uuid, {"keys": list(folder.keys), "objects": len(folder.keys)})
-            )
+            deleted.append((folder.session_uuid, folder.recovery()))
     if deleted:
         audit.record_many("orphan_folder_deleted", SYSTEM, deleted)
     db.session.commit()
@@ -153,7 +188,8 @@ def _folders(pages: Iterable[list[StoredObject]], report: SweepReport) -> Iterat
             folder_name, slash, _ = stored.key[len(UPLOADS_PREFIX) :].partition("/")
             if not slash:
                 report.loose_files += 1
-                report.note("loose_files", stored.key)
+                # By reference: a loose file's name may be anything, a person's name included.
+                report.note("loose_files", file_ref(folder_name))
                 continue
             if folder_name != name:
                 if name is not None:
@@ -179,7 +215,7 @@ def _old_uuid_folders(
         if max(stored.last_modified for stored in folder.objects) >= cutoff:
             report.kept_recent += 1
             continue
-        yield OrphanFolder(session_uuid, tuple(stored.key for stored in folder.objects))
+        yield OrphanFolder(session_uuid, folder.objects)
 
 
 def _without_live_sessions(
@@ -238,12 +274,15 @@ def _delete_folder(storage: Storage, folder: OrphanFolder) -> dict[str, str]:
         return dict.fromkeys(folder.keys, str(exc))
 
 
-def _record_error(session_uuid: uuid.UUID | None, keys: tuple[str, ...], error: str) -> None:
+def _record_error(folder: OrphanFolder | None, error: str) -> None:
+    """Log, audit and notify one error; ``error`` is built from storage's key-free reasons."""
+    session_uuid = folder.session_uuid if folder is not None else None
+    described = folder.recovery() if folder is not None else {}
     text = error[:MAX_ERROR_TEXT]
     log.error(
         "orphan sweep error",
         extra={"folder": str(session_uuid)[:8] if session_uuid else None, "error": text},
     )
-    audit.record("orphan_sweep_error", SYSTEM, session_uuid, keys=list(keys), error=text)
+    audit.record("orphan_sweep_error", SYSTEM, session_uuid, **described, error=text)
     db.session.commit()
     admin_alerts.report_job_error(JOB_NAME, text, session_uuid)

@@ -32,12 +32,27 @@ class StorageUnavailable(Exception):
 
 @dataclass(frozen=True)
 class StoredObject:
-    """One object as a listing reports it; ``version`` changes whenever the object is replaced."""
+    """One object as a listing reports it.
+
+    ``version`` tells stored objects apart only as far as a listing can: on S3 it is the ETag,
+    a hash of the content, so equal bytes stored again list alike. See StoredVersion.
+    """
 
     key: str
     size: int
     last_modified: datetime
     version: str
+
+
+@dataclass(frozen=True)
+class StoredVersion(StoredObject):
+    """One object as put, head and read report it: its ``version`` names the put that stored it.
+
+    Every put makes a new version, even of equal bytes at an equal time, so a download link
+    naming one dies with the upload it was issued for. An object stored before puts were
+    tagged has a version derived from what the backend reports (S3's ETag; the local file's
+    inode, time and size), which also changes whenever it is replaced.
+    """
 
 
 class Content(Protocol):
@@ -59,12 +74,16 @@ class Storage(Protocol):
         """Objects under ``prefix`` in key order, at most ``BATCH_SIZE`` per page."""
         ...
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredVersion:
         """Store ``body`` at ``key`` atomically: readers see the old object or the whole new one."""
         ...
 
-    def read(self, key: str) -> tuple[StoredObject, Content] | None:
-        """The object at ``key`` and its content, or None if there is none."""
+    def head(self, key: str) -> StoredVersion | None:
+        """The object at ``key`` with its version, or None if there is none."""
+        ...
+
+    def read(self, key: str) -> tuple[StoredVersion, Content] | None:
+        """The object at ``key`` and its content, of that very version, or None if there is none."""
         ...
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:

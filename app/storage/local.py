@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -10,7 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject
+from app.storage import BATCH_SIZE, StorageUnavailable, StoredObject, StoredVersion
+
+# A file's version is the id of the put that stored it, kept on the file itself as a user
+# extended attribute: set on the temporary file before it is renamed into place, it moves with
+# the content, and a read takes it from the very file it opened. A file's times cannot serve:
+# a coarse clock gives equal bytes written twice equal times, and a deleted file's inode is
+# soon reused.
+UPLOAD_ID_ATTRIBUTE = "user.upload-id"
 
 
 class LocalStorage:
@@ -22,7 +31,8 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if not path.is_relative_to(self.root):
-            raise ValueError(f"key {key!r} escapes the storage root")
+            # The key is not quoted: it holds a file name, and this lands in a logged traceback.
+            raise ValueError("a key escapes the storage root")
         return path
 
     def list_pages(self, prefix: str) -> Iterator[list[StoredObject]]:
@@ -62,31 +72,46 @@ class LocalStorage:
             else:
                 yield f"{key_prefix}{entry.name}"
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredVersion:
         path = self._path(key)
         try:
             handle, temp_name = self._temp_file_beside(path)
             try:
                 with os.fdopen(handle, "wb") as temp:
                     shutil.copyfileobj(body, temp)
+                    temp.flush()
+                    _tag(temp.fileno(), secrets.token_hex(16))
+                    # Described before the rename: afterwards the path may hold a later upload.
+                    stored = _describe(key, temp.fileno())
                 os.replace(temp_name, path)
             except BaseException:
                 os.unlink(temp_name)
                 raise
-            stored = self._stat(key)
         except OSError as exc:
             raise StorageUnavailable(f"storing failed: {_reason(exc)}") from None
-        if stored is None:
-            raise StorageUnavailable("stored file vanished at once")
         return stored
 
-    def read(self, key: str) -> tuple[StoredObject, BinaryIO] | None:
+    def head(self, key: str) -> StoredVersion | None:
+        found = self.read(key)
+        if found is None:
+            return None
+        stored, content = found
+        content.close()
+        return stored
+
+    def read(self, key: str) -> tuple[StoredVersion, BinaryIO] | None:
+        # Opened first, then described from the open file: a version looked up by path could
+        # belong to a file that replaced, or was replaced by, the one opened.
         try:
-            stored = self._stat(key)
-            return None if stored is None else (stored, self._path(key).open("rb"))
+            content = self._path(key).open("rb")
         except FileNotFoundError:
-            return None  # deleted between the two calls
+            return None
         except OSError as exc:
+            raise StorageUnavailable(f"reading failed: {_reason(exc)}") from None
+        try:
+            return _describe(key, content.fileno()), content
+        except OSError as exc:
+            content.close()
             raise StorageUnavailable(f"reading failed: {_reason(exc)}") from None
 
     def _stat(self, key: str) -> StoredObject | None:
@@ -94,11 +119,7 @@ class LocalStorage:
             found = self._path(key).stat()
         except FileNotFoundError:
             return None
-        modified = datetime.fromtimestamp(found.st_mtime, UTC)
-        # A replaced file gets a new modification time (nanoseconds) even at the same size.
-        return StoredObject(
-            key, found.st_size, modified, f"{found.st_mtime_ns:x}-{found.st_size:x}"
-        )
+        return StoredObject(key, found.st_size, _modified(found), _untagged_version(found))
 
     def _temp_file_beside(self, path: Path) -> tuple[int, str]:
         """A temporary file in the target's folder: write beside it, then rename into place."""
@@ -147,6 +168,46 @@ class LocalStorage:
         existed = self.root.is_dir()
         self.check()
         return not existed
+
+
+def _tag(handle: int, upload_id: str) -> None:
+    """Tag an open file with the id of the put storing it, where the file system allows."""
+    if not hasattr(os, "setxattr"):
+        return  # Not Linux: files go untagged, as on a file system without user attributes.
+    try:
+        os.setxattr(handle, UPLOAD_ID_ATTRIBUTE, upload_id.encode())
+    except OSError as exc:
+        if exc.errno != errno.ENOTSUP:
+            raise
+
+
+def _describe(key: str, handle: int) -> StoredVersion:
+    """The object an open file holds, with its version, all taken from the open file."""
+    found = os.fstat(handle)
+    upload_id = None
+    if hasattr(os, "getxattr"):
+        try:
+            upload_id = os.getxattr(handle, UPLOAD_ID_ATTRIBUTE).decode()
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    version = upload_id or _untagged_version(found)
+    return StoredVersion(key, found.st_size, _modified(found), version)
+
+
+def _untagged_version(found: os.stat_result) -> str:
+    """The version of a file without an upload id, as far as its status tells.
+
+    Such a file was stored before puts were tagged, or where files cannot be tagged. The inode
+    tells a replacement apart, as it is written while the old file still exists; a deleted
+    file's inode may be reused, but then rarely at the same time and size.
+    """
+    return f"{found.st_ino:x}-{found.st_mtime_ns:x}-{found.st_size:x}"
+
+
+def _modified(found: os.stat_result) -> datetime:
+    """A file's modification time, as storage reports times."""
+    return datetime.fromtimestamp(found.st_mtime, UTC)
 
 
 def _reason(exc: OSError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
@@ -20,9 +21,12 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app import deadline
-from app.storage import BATCH_SIZE, Content, StorageUnavailable, StoredObject
+from app.storage import BATCH_SIZE, Content, StorageUnavailable, StoredObject, StoredVersion
 
 T = TypeVar("T")
+# User metadata naming the put that stored an object: its version. The ETag cannot serve, being
+# a hash of the content: equal bytes stored again would revive the links to the earlier upload.
+UPLOAD_ID_METADATA = "upload-id"
 # botocore's standard retry mode waits up to 2 ** (retry - 1) seconds before a retry, at most 20.
 MAX_BACKOFF_SECONDS = 20
 
@@ -71,26 +75,39 @@ class S3Storage:
                 for item in page.get("Contents", [])
             ]
 
-    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredObject:
+    def put(self, key: str, body: BinaryIO, content_type: str) -> StoredVersion:
         size = body.seek(0, os.SEEK_END)
         body.seek(0)
-        stored = self._call(
+        upload_id = secrets.token_hex(16)
+        self._call(
             "storing",
             lambda: self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                Metadata={UPLOAD_ID_METADATA: upload_id},
             ),
         )
-        return StoredObject(key, size, datetime.now(UTC), stored["ETag"])
+        return StoredVersion(key, size, datetime.now(UTC), upload_id)
 
-    def read(self, key: str) -> tuple[StoredObject, Content] | None:
+    def head(self, key: str) -> StoredVersion | None:
+        try:
+            found = self._call(
+                "reading", lambda: self._client.head_object(Bucket=self.bucket, Key=key)
+            )
+        except _Missing:
+            return None
+        return _described(key, found)
+
+    def read(self, key: str) -> tuple[StoredVersion, Content] | None:
         try:
             found = self._call(
                 "reading", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
             )
         except _Missing:
             return None
-        stored = StoredObject(key, found["ContentLength"], found["LastModified"], found["ETag"])
-        return stored, _BoundedBody(found["Body"], self.read_timeout)
+        return _described(key, found), _BoundedBody(found["Body"], self.read_timeout)
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -190,6 +207,14 @@ class _BoundedBody(io.RawIOBase):
     def close(self) -> None:
         self._body.close()
         super().close()
+
+
+def _described(key: str, found: dict[str, Any]) -> StoredVersion:
+    """The object a HeadObject or GetObject answer describes, with its version."""
+    # An object stored before puts were tagged falls back to its ETag: its links still work,
+    # and die when it is replaced or deleted, since whatever is stored next carries an id.
+    version = found.get("Metadata", {}).get(UPLOAD_ID_METADATA) or found["ETag"]
+    return StoredVersion(key, found["ContentLength"], found["LastModified"], version)
 
 
 def _reason(exc: Exception) -> str:
