@@ -30,10 +30,13 @@ run: $(VENV)/.runtime
 test: $(VENV)/.dev lint
 	$(BIN)/pytest -n 3 --dist loadfile
 
+## The import-linter contracts in pyproject.toml: app/ imports run one way, floor by floor.
+# No cache: grimp's can keep a file's imports after a module it names appeared or went away.
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 migrate: $(VENV)/.runtime
 	$(FLASK) db upgrade

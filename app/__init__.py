@@ -8,9 +8,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import cli, db_deadline, errors, mail, metrics, middleware, scheduler, storage
+from app import cli, db_deadline, http_errors, jobs, metrics, middleware, scheduler
 from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
+from app.mail import transports
 from app.rate_limits import bound_storage_calls
 from app.routes.docs import docs_blueprint
 from app.routes.email_verification import email_verification_bp
@@ -18,7 +19,8 @@ from app.routes.files import files_bp
 from app.routes.health import health_bp
 from app.routes.metrics import metrics_bp
 from app.routes.sessions import sessions_bp
-from app.services import admin_alerts
+from app.services import admin_alerts, chat_sessions
+from app.storage import backends
 from config import Config
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "migrations")
@@ -37,8 +39,10 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
 
     _init_extensions(app)
     _register_blueprints(app)
+    # After the routes: each of them starts with its series at zero.
+    metrics.init_app(app, jobs=jobs.JOB_NAMES, count_sessions=chat_sessions.count_by_state)
     middleware.init_app(app)
-    errors.register_error_handlers(app)
+    http_errors.register_error_handlers(app)
     cli.init_app(app)
     scheduler.init_app(app)
     return app
@@ -63,10 +67,9 @@ def _init_extensions(app: Flask) -> None:
         max_age=600,
     )
     api.init_app(app)
-    storage.init_app(app)
-    mail.init_app(app)
+    backends.init_app(app)
+    transports.init_app(app)
     admin_alerts.init_app(app)
-    metrics.init_app(app)
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -20,6 +20,9 @@ from app.services.retention import JOB_NAME as RETENTION
 from app.services.retention import RetentionReport, apply_retention
 from app.storage import current_storage
 
+# Every job's name, as its runs are recorded and counted.
+JOB_NAMES = (ORPHAN_SWEEP, ABANDONED_PURGE, RETENTION)
+
 
 class Report(Protocol):
     def as_dict(self) -> dict[str, Any]: ...

@@ -6,6 +6,11 @@ every worker's. Without that directory (the development server) a scrape shows t
 
 Labels hold route templates and fixed words only, never a path, a session UUID or anything else
 a client sent: a label value a client chooses would also let it grow the series without bound.
+
+This module imports no service: the factory hands it the job names, the routes and the function
+that counts sessions. Every series whose labels are known in advance (each job and outcome, each
+e-mail kind and outcome, each route) is created at zero when the app is built, so it is in the
+first scrape and an alert on it can be written for a fresh deployment.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from flask import Flask, current_app
 from prometheus_client import (
@@ -29,11 +34,22 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.models import SessionState
+
 log = logging.getLogger(__name__)
 
 VERIFICATION_CODE_MAIL = "verification_code"
 ADMIN_NOTIFICATION_MAIL = "admin_notification"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+JOB_OUTCOMES = ("completed", "failed", "skipped")
+MAIL_KINDS = (VERIFICATION_CODE_MAIL, ADMIN_NOTIFICATION_MAIL)
+MAIL_OUTCOMES = ("sent", "failed")
+# The status a route's error alerts sum over; other statuses appear with their first answer.
+_STARTING_STATUS = "500"
+# Answered by Flask itself on every route (HEAD as GET, OPTIONS as the CORS preflight).
+_IMPLICIT_METHODS = frozenset({"HEAD", "OPTIONS"})
+
+SessionCounter = Callable[[], Mapping[SessionState, int]]
 
 HTTP_REQUESTS = Counter(
     "http_requests_total",
@@ -114,8 +130,9 @@ class SessionsByState(Collector):
     the count is kept per process for ``METRICS_SESSION_COUNT_SECONDS``.
     """
 
-    def __init__(self, app: Flask) -> None:
+    def __init__(self, app: Flask, count_sessions: SessionCounter) -> None:
         self._app = app
+        self._count_sessions = count_sessions
         self._lock = threading.Lock()
         self._counted_at = float("-inf")
         self._counts: dict[str, int] | None = None
@@ -132,16 +149,13 @@ class SessionsByState(Collector):
         yield family
 
     def _current_counts(self) -> dict[str, int] | None:
-        # Imported here: the services import the error module, which imports this one.
-        from app.services.chat_sessions import count_by_state
-
         with self._lock:
             max_age = self._app.config["METRICS_SESSION_COUNT_SECONDS"]
             if time.monotonic() - self._counted_at < max_age:
                 return self._counts
             try:
                 with self._app.app_context():
-                    counted = count_by_state()
+                    counted = self._count_sessions()
                 self._counts = {state.value: count for state, count in counted.items()}
             except SQLAlchemyError:
                 # A scrape still reports traffic and jobs while the database is down, and the
@@ -159,8 +173,12 @@ class _ThisProcess(Collector):
         yield from REGISTRY.collect()
 
 
-def init_app(app: Flask) -> None:
-    """Keep the registry a scrape reads: every worker's figures, and the sessions by state."""
+def init_app(app: Flask, *, jobs: Iterable[str], count_sessions: SessionCounter) -> None:
+    """Keep the registry a scrape reads, and start every series known in advance at zero.
+
+    ``jobs`` are the scheduled jobs' names; ``count_sessions`` counts live sessions by state.
+    Call it once the routes are registered: each of them gets its series too.
+    """
     registry = CollectorRegistry(auto_describe=False)
     directory = app.config["PROMETHEUS_MULTIPROC_DIR"]
     if directory:
@@ -169,8 +187,38 @@ def init_app(app: Flask) -> None:
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     else:
         registry.register(_ThisProcess())
-    registry.register(SessionsByState(app))
+    registry.register(SessionsByState(app, count_sessions))
     app.extensions["metrics_registry"] = registry
+    _start_at_zero(jobs, _routes(app))
+
+
+def _routes(app: Flask) -> list[tuple[str, str]]:
+    """Every (method, route template) the app answers, leaving out the methods Flask adds."""
+    return [
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        for method in (rule.methods or set()) - _IMPLICIT_METHODS
+    ]
+
+
+def _start_at_zero(jobs: Iterable[str], routes: Iterable[tuple[str, str]]) -> None:
+    """Create the series whose labels are known in advance, at zero.
+
+    Under gunicorn each worker writes its zeros to its own file when it builds the app, so the
+    first scrape of a fresh server shows them whichever worker answers it.
+    """
+    for job in jobs:
+        for outcome in JOB_OUTCOMES:
+            JOB_RUNS.labels(job, outcome)
+        # The histogram too: its _count is the runs that took time (completed or failed).
+        JOB_DURATION.labels(job)
+    for kind in MAIL_KINDS:
+        for outcome in MAIL_OUTCOMES:
+            EMAILS.labels(kind, outcome)
+    for method, route in routes:
+        HTTP_REQUESTS.labels(method, route, _STARTING_STATUS)
+        HTTP_DURATION.labels(method, route)
+        RATE_LIMIT_REFUSALS.labels(route)
 
 
 def exposition(accept: str) -> tuple[bytes, str]:

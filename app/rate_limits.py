@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -26,7 +27,7 @@ from flask import current_app, request
 from limits.strategies import RateLimiter
 from werkzeug.exceptions import HTTPException
 
-from app.errors import RateLimited, seconds_until
+from app.errors import RateLimited
 from app.extensions import limiter
 from app.privacy import client_key, keyed_hash
 from app.redis_connection import bounded_options
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 NEW_SESSION_SCOPE = "new-session"
 
 RouteDecorator = Callable[[Callable[..., Any]], Any]
+
+
+def seconds_until(reset_at: float) -> int:
+    """A Retry-After value: whole seconds until ``reset_at``, at least one."""
+    return max(1, math.ceil(reset_at - time.time()))
 
 
 @functools.lru_cache(maxsize=32)

@@ -56,6 +56,33 @@ def counted(client: FlaskClient, action: Callable[[], object], name: str, **labe
     return value(scrape(client), name, **labels) - before
 
 
+def known_in_advance(app: Flask) -> list[tuple[str, dict[str, str]]]:
+    """The series a fresh server shows at zero: each job, each e-mail, each route of ``app``."""
+    jobs = ("orphan_sweep", "abandoned_sessions", "retention")
+    series = [
+        ("job_runs_total", {"job": job, "outcome": outcome})
+        for job in jobs
+        for outcome in ("completed", "failed", "skipped")
+    ]
+    series += [("job_duration_seconds_count", {"job": job}) for job in jobs]
+    series += [
+        ("emails_total", {"kind": kind, "outcome": outcome})
+        for kind in ("verification_code", "admin_notification")
+        for outcome in ("sent", "failed")
+    ]
+    for rule in app.url_map.iter_rules():
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            route = {"method": method, "route": rule.rule}
+            series.append(("http_requests_total", {**route, "status": "500"}))
+            series.append(("http_request_duration_seconds_count", route))
+        series.append(("rate_limit_refusals_total", {"route": rule.rule}))
+    return series
+
+
+def key(name: str, labels: dict[str, str]) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
 # The API docs
 
 
@@ -322,6 +349,19 @@ def test_a_job_that_cannot_run_is_counted_as_failed() -> None:
     assert "sessions" not in {name for name, _ in scrape(client)}, "no count without a database"
 
 
+def test_every_series_known_in_advance_is_in_a_fresh_apps_first_scrape(sqlite_url: str) -> None:
+    app = build_app(sqlite_url)
+    expected = known_in_advance(app)
+
+    samples = scrape(app.test_client())
+
+    assert {"/api/v1/generate-uuid", "/api/v1/session/<uuid:session_uuid>", "/health"} <= {
+        labels["route"] for name, labels in expected if name == "rate_limit_refusals_total"
+    }
+    # This process's figures are shared by its tests: present is what can be asserted here.
+    assert [series for series in expected if key(*series) not in samples] == []
+
+
 def test_sessions_by_state_come_from_the_database_and_are_cached(sqlite_url: str) -> None:
     fresh = build_app(sqlite_url, METRICS_SESSION_COUNT_SECONDS="0").test_client()
     cached = build_app(sqlite_url, METRICS_SESSION_COUNT_SECONDS="3600").test_client()
@@ -408,3 +448,18 @@ def test_the_docs_page_cannot_be_framed_and_runs_only_its_own_scripts(sqlite_url
     api = client.post("/api/v1/generate-uuid")
     assert api.headers["X-Frame-Options"] == "DENY"
     assert api.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+
+
+def test_a_fresh_servers_first_scrape_shows_every_known_series_at_zero(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    expected = known_in_advance(build_app(sqlite_url))
+    env = base_env(sqlite_url, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+
+    # Probed at "/", an unknown path, so that no known route has answered before the scrape.
+    with gunicorn_process("wsgi:app", env, workers=2) as served:
+        response = requests.get(f"{served.url}/metrics", timeout=30)
+    samples = parse(response.text)
+
+    assert response.status_code == 200
+    assert [series for series in expected if samples.get(key(*series)) != 0] == []

@@ -1,7 +1,9 @@
 """Outgoing e-mail behind one small interface.
 
 Two transports implement it: SMTP (``smtp.py``, the only module that imports smtplib) and a
-console transport for development that prints each message to standard output.
+console transport for development that prints each message to standard output;
+``transports.py`` builds the configured one. The interface imports neither, so no import runs
+from this package's top to its transports and back.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from email.message import EmailMessage
 from typing import Protocol
 
-from flask import Flask, current_app
+from flask import current_app
 
 
 class MailUnavailable(Exception):
@@ -22,29 +24,6 @@ class Mailer(Protocol):
     def send(self, message: EmailMessage) -> None:
         """Deliver ``message`` or raise MailUnavailable."""
         ...
-
-
-def init_app(app: Flask) -> None:
-    """Build the configured transport and keep it on the app."""
-    config = app.config
-    mailer: Mailer
-    if config["MAIL_BACKEND"] == "smtp":
-        from app.mail.smtp import SmtpMailer
-
-        mailer = SmtpMailer(
-            host=config["SMTP_HOST"],
-            port=config["SMTP_PORT"],
-            username=config["SMTP_USERNAME"],
-            password=config["SMTP_PASSWORD"],
-            implicit_tls=config["SMTP_SSL"],
-            starttls=config["SMTP_STARTTLS"] and not config["SMTP_SSL"],
-            timeout=config["SMTP_TIMEOUT_SECONDS"],
-        )
-    else:
-        from app.mail.console import ConsoleMailer
-
-        mailer = ConsoleMailer()
-    app.extensions["mailer"] = mailer
 
 
 def current_mailer() -> Mailer:

@@ -30,9 +30,9 @@ from app.clock import utcnow
 from app.extensions import db, upsert
 from app.logging_setup import recent_problems
 from app.mail import MailUnavailable, current_mailer
-from app.middleware import current_correlation_id, request_session_uuid
 from app.models import AdminNotice, AuditEvent
 from app.privacy import keyed_hash
+from app.request_context import current_correlation_id, request_session_uuid
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.clock import utcnow
 from app.extensions import db, limiter
-from app.middleware import request_audit_context
 from app.models import AuditEvent
 from app.privacy import client_key
 from app.services import audit
@@ -40,8 +39,10 @@ def watch_failed_codes(context: AuditContext, session_uuid: uuid.UUID) -> None:
     )
 
 
-def on_rate_limited(limit: str) -> None:
+def on_rate_limited(limit: str, context: AuditContext) -> None:
     """A request was refused by a rate limit: count it, and tell the database only of bursts.
+
+    ``context`` is the refused request's, read by the HTTP layer that answers the 429.
 
     A flood of refusals must not become a flood of writes. Refusals are counted per client (as
     the limits count it) and window in the rate limiter's own storage (Redis when configured, so
@@ -49,7 +50,6 @@ def on_rate_limited(limit: str) -> None:
     limit), and so is the one that makes it a burst (``rate_limit_burst``), which is also
     notified: at most two rows per client per window, however many requests are refused.
     """
-    context = request_audit_context()
     config = current_app.config
     window = timedelta(minutes=config["SUSPICIOUS_WINDOW_MINUTES"])
     threshold = config["SUSPICIOUS_RATE_LIMIT_HITS"]

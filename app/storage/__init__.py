@@ -1,7 +1,8 @@
 """Object storage behind one small interface, in the service's own vocabulary.
 
 Two backends implement it: S3 (``s3.py``, the only module that imports boto3) and a
-local directory (``local.py``). Keys look like ``uploads/<session uuid>/<file name>``.
+local directory (``local.py``); ``backends.py`` builds the configured one. Keys look like
+``uploads/<session uuid>/<file name>``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
-from flask import Flask, current_app
+from flask import current_app
 
 UPLOADS_PREFIX = "uploads/"
 # S3 deletes at most this many keys per request; both backends page and batch by it.
@@ -107,28 +108,6 @@ def session_prefix(session_uuid: object) -> str:
 def session_objects(storage: Storage, session_uuid: object) -> list[StoredObject]:
     """Every object in one session's folder (a handful: the file limit is small)."""
     return [stored for page in storage.list_pages(session_prefix(session_uuid)) for stored in page]
-
-
-def init_app(app: Flask) -> None:
-    """Build the configured backend and keep it on the app."""
-    config = app.config
-    storage: Storage
-    if config["STORAGE_BACKEND"] == "s3":
-        from app.storage.s3 import S3Storage
-
-        storage = S3Storage(
-            bucket=config["S3_BUCKET"],
-            region=config["S3_REGION"],
-            endpoint_url=config["S3_ENDPOINT_URL"],
-            connect_timeout=config["S3_CONNECT_TIMEOUT_SECONDS"],
-            read_timeout=config["S3_READ_TIMEOUT_SECONDS"],
-            max_attempts=config["S3_MAX_ATTEMPTS"],
-        )
-    else:
-        from app.storage.local import LocalStorage
-
-        storage = LocalStorage(config["STORAGE_LOCAL_ROOT"])
-    app.extensions["storage"] = storage
 
 
 def current_storage() -> Storage:

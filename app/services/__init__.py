@@ -1,0 +1,1 @@
+"""Services: the decisions and transactions behind each route, job and command."""
