@@ -174,6 +174,16 @@ class Config:
         )
         self.EMAIL_RATE_LIMIT = text("EMAIL_RATE_LIMIT", "10/minute", validate=_rate_limit)
 
+        # Data requests by address (CONTRACT section 8): a person makes a handful a year.
+        self.DATA_REQUEST_TOKEN_MINUTES = integer(
+            "DATA_REQUEST_TOKEN_MINUTES", 15, validate=AT_LEAST_ONE
+        )
+        # Where the API is reached from outside: download links in an export made from the CLI.
+        self.PUBLIC_BASE_URL = text("PUBLIC_BASE_URL", "http://localhost:5000")
+        self.DATA_REQUEST_RATE_LIMIT = text(
+            "DATA_REQUEST_RATE_LIMIT", "10/hour;3/minute", validate=_rate_limit
+        )
+
         self.ABANDONED_SESSION_MINUTES = integer(
             "ABANDONED_SESSION_MINUTES", 24 * 60, validate=AT_LEAST_ONE
         )

@@ -13,13 +13,14 @@ from app.extensions import api, cors, db, limiter, migrate
 from app.logging_setup import configure_logging
 from app.mail import transports
 from app.rate_limits import bound_storage_calls
+from app.routes.data_requests import data_requests_bp
 from app.routes.docs import docs_blueprint
 from app.routes.email_verification import email_verification_bp
 from app.routes.files import files_bp
 from app.routes.health import health_bp
 from app.routes.metrics import metrics_bp
 from app.routes.sessions import sessions_bp
-from app.services import admin_alerts, chat_sessions
+from app.services import admin_alerts, chat_sessions, data_requests
 from app.storage import backends
 from config import Config
 
@@ -67,15 +68,19 @@ def _init_extensions(app: Flask) -> None:
         max_age=600,
     )
     api.init_app(app)
+    # The data-request endpoints take a bearer token (docs/decisions.md).
+    api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     backends.init_app(app)
     transports.init_app(app)
     admin_alerts.init_app(app)
+    data_requests.init_app(app)
 
 
 def _register_blueprints(app: Flask) -> None:
     api.register_blueprint(sessions_bp)
     api.register_blueprint(files_bp)
     api.register_blueprint(email_verification_bp)
+    api.register_blueprint(data_requests_bp)
     api.register_blueprint(health_bp)
     if app.config["METRICS_ENABLED"]:
         app.register_blueprint(metrics_bp)

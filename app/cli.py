@@ -11,7 +11,11 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from app import jobs
-from app.services import admin_alerts, audit
+from app.clock import utcnow
+from app.errors import InvalidRequest, StorageUnavailableError
+from app.schemas import DataRequestExportSchema, SessionSummarySchema
+from app.services import admin_alerts, audit, data_requests
+from app.services.audit import AuditContext
 from app.storage import StorageUnavailable, current_storage
 
 log = logging.getLogger(__name__)
@@ -103,8 +107,73 @@ def notify_admin(subject: str, signature: str | None) -> None:
         raise SystemExit(1) from None
 
 
+gdpr = AppGroup("gdpr", help="Data requests received by letter or phone, by address.")
+# Operator actions are audited as such: no client address, and this mark for a correlation id.
+OPERATOR = AuditContext(client_ip=None, correlation_id="operator-cli")
+
+
+def _address(email: str) -> str:
+    """The typed address, checked and normalised like a request's; a usage error if not one."""
+    try:
+        return data_requests.operator_address(email)
+    except InvalidRequest as exc:
+        problems = "; ".join(str(problem) for problem in (exc.details or {}).get("email", []))
+        raise click.BadParameter(problems or "not an e-mail address", param_hint="EMAIL") from None
+
+
+@gdpr.command("find")
+@click.argument("email")
+def gdpr_find(email: str) -> None:
+    """List the sessions tied to an address (no UUIDs), as JSON."""
+    found = data_requests.find(_address(email), OPERATOR)
+    click.echo(json.dumps(SessionSummarySchema(many=True).dump(found), indent=2))
+
+
+@gdpr.command("export")
+@click.argument("email")
+def gdpr_export(email: str) -> None:
+    """Print everything held under an address as JSON, as GET /data-requests/export would."""
+    address = _address(email)
+    # The files' download links are built for the address the person will use them at.
+    with current_app.test_request_context(base_url=current_app.config["PUBLIC_BASE_URL"]):
+        exports = data_requests.export_all(address, OPERATOR, by="operator")
+    body = {
+        "status": "success",
+        "message": "Everything this service holds under this address.",
+        "exported_at": utcnow(),
+        "sessions": [
+            {
+                "profile": exported.chat_session,
+                "consent_history": exported.consent_history,
+                "files": exported.files,
+                "audit_events": exported.audit_events,
+            }
+            for exported in exports
+        ],
+    }
+    click.echo(json.dumps(DataRequestExportSchema().dump(body), indent=2))
+
+
+@gdpr.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Erase without asking.")
+def gdpr_erase(email: str, yes: bool) -> None:
+    """Erase every session tied to an address, as DELETE /data-requests/sessions would."""
+    address = _address(email)
+    if not yes:
+        click.confirm(f"Erase every session tied to {address}?", abort=True)
+    try:
+        erased = data_requests.erase_all(address, OPERATOR, by="operator")
+    except StorageUnavailableError:
+        raise click.ClickException(
+            "storage did not answer: some sessions are not erased yet; run this again"
+        ) from None
+    click.echo(json.dumps({"erased": len(erased)}))
+
+
 def init_app(app: Flask) -> None:
     app.cli.add_command(cleanup)
     app.cli.add_command(audit_group)
     app.cli.add_command(storage_group)
     app.cli.add_command(notify_admin)
+    app.cli.add_command(gdpr)

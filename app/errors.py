@@ -137,6 +137,25 @@ class CredentialsMissing(DomainError):
     message = "This endpoint needs a token: send it as Authorization: Bearer <token>."
 
 
+class TokenRejected(DomainError):
+    """A data-request token that is malformed, expired, or dead since an erasure."""
+
+    status_code = 401
+    error = "invalid_token"
+    message = (
+        "This token is not valid: it has expired or was used to erase the data. "
+        "Please ask for a new code."
+    )
+
+
+class CodeRefused(DomainError):
+    """A data-request code that is wrong, expired or used up; ``error`` says which."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
 class CredentialsRejected(DomainError):
     """A protected endpoint was called with a token it does not accept."""
 

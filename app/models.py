@@ -7,7 +7,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Index, Integer, String, Uuid, false, true
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Index,
+    Integer,
+    String,
+    Uuid,
+    false,
+    func,
+    true,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
@@ -82,6 +94,13 @@ class ChatSession(Base):
     __table_args__ = (
         # The abandoned-session and retention jobs select by state and idle time.
         Index("ix_chat_sessions_state_last_seen_at", "state", "last_seen_at"),
+        # A data request finds the sessions that verified an address, in any letter case.
+        Index(
+            "ix_chat_sessions_verified_email",
+            func.lower(email),
+            postgresql_where=email_verified.is_(True),
+            sqlite_where=email_verified.is_(True),
+        ),
     )
 
     def require_email_verification(self) -> None:
@@ -214,3 +233,28 @@ class AdminNotice(Base):
 
     signature_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DataRequest(Base):
+    """A request to see or erase what is held under one verified address, by a mailed code.
+
+    The address is kept only as a keyed hash. The code lives until it is used, expires or runs
+    out of attempts; a verified request becomes the grant behind one bearer token, which dies
+    with it (``revoked_at``) after an erasure.
+    """
+
+    __tablename__ = "data_requests"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    address_hash: Mapped[str] = mapped_column(String(64), index=True)
+    code_hash: Mapped[str | None] = mapped_column(String(64))
+    code_expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts_left: Mapped[int] = mapped_column(Integer())
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # Set when the code was verified: the id the bearer token names.
+    grant_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The sessions an erasure through this grant began, until it finished them all.
+    erasing: Mapped[list[str] | None] = mapped_column(JSON())

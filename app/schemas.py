@@ -317,3 +317,65 @@ class SessionExportSchema(ma.Schema):
     consent_history = fields.List(fields.Nested(ConsentEventSchema), required=True)
     files = fields.List(fields.Nested(SessionFileSchema), required=True)
     audit_events = fields.List(fields.Nested(AuditEventSchema), required=True)
+
+
+class DataRequestSchema(ma.Schema):
+    """The address whose data the person asks to see or erase."""
+
+    email = Text(required=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+
+
+class DataRequestVerifySchema(ma.Schema):
+    """The address and the code mailed to it."""
+
+    email = Text(required=True, validate=validate.Length(max=MAX_EMAIL_LENGTH))
+    code = Text(required=True, validate=validate.Length(max=32))
+
+
+class SessionSummarySchema(ma.Schema):
+    """One session tied to the address; no UUID."""
+
+    created_at = fields.AwareDateTime(required=True)
+    last_seen_at = fields.AwareDateTime(required=True)
+    completed_at = fields.AwareDateTime(allow_none=True)
+    state = fields.String(required=True, metadata={"example": "verified"})
+    file_count = fields.Integer(
+        allow_none=True, metadata={"description": "null if storage did not answer"}
+    )
+
+
+class DataRequestGrantSchema(ma.Schema):
+    """A bearer token for the address, and the sessions it reaches."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    token = fields.String(required=True)
+    expires_in = fields.Integer(required=True, metadata={"description": "seconds"})
+    sessions = fields.List(fields.Nested(SessionSummarySchema), required=True)
+
+
+class SessionExportEntrySchema(ma.Schema):
+    """Everything held about one session, as in the per-session export."""
+
+    profile = fields.Nested(ExportProfileSchema, required=True)
+    consent_history = fields.List(fields.Nested(ConsentEventSchema), required=True)
+    files = fields.List(fields.Nested(SessionFileSchema), required=True)
+    audit_events = fields.List(fields.Nested(AuditEventSchema), required=True)
+
+
+class DataRequestExportSchema(ma.Schema):
+    """Every session tied to the address."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    exported_at = fields.AwareDateTime(required=True)
+    sessions = fields.List(fields.Nested(SessionExportEntrySchema), required=True)
+
+
+class DataRequestErasedSchema(ma.Schema):
+    """What an erasure by address erased."""
+
+    status = fields.String(required=True, metadata={"example": "success"})
+    message = fields.String(required=True)
+    erased = fields.Integer(required=True)
+    sessions = fields.List(fields.Nested(SessionSummarySchema), required=True)

@@ -37,6 +37,7 @@ from app.models import (
     AuditEvent,
     ChatSession,
     ConsentEvent,
+    DataRequest,
     EmailSend,
     JobRun,
     RetiredSessionUUID,
@@ -186,6 +187,7 @@ def build_app(database_url: str, **overrides: str) -> Flask:
             EmailSend,
             ConsentEvent,
             AdminNotice,
+            DataRequest,
         ):
             db.session.execute(delete(model))
         db.session.commit()

@@ -388,11 +388,23 @@ def test_a_long_lived_worker_does_not_remember_every_signature(database_url: str
 
 
 def _terminate_app_connections(database_url: str) -> None:
+    """End the app's connections, and wait until they are gone (termination is a signal)."""
     url = make_url(database_url)
     with contextlib.closing(psycopg2.connect(url.render_as_string(hide_password=False))) as admin:
         admin.autocommit = True
-        admin.cursor().execute(
+        cursor = admin.cursor()
+        cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND application_name = 'chat-session-service'",
             (url.database,),
         )
+
+        def gone() -> bool:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = 'chat-session-service'",
+                (url.database,),
+            )
+            return cursor.fetchone() == (0,)
+
+        assert wait_for(gone), "the app's connections outlived their termination"

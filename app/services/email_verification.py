@@ -271,10 +271,10 @@ def _claim_send(
 ) -> Outcome | _ClaimedSend:
     """Within the locked transaction: refuse (committed), or put ``code`` on the session, commit."""
     session_uuid = chat_session.uuid
-    address_hash = _address_hash(email)
-    network_hash = _network_hash(context)
-    _serialise_sends_to(address_hash)
-    refused = _limit_refusal(session_uuid, address_hash, network_hash, now, stay_on)
+    address_hash = mailbox_hash(email)
+    client_network = network_hash(context)
+    hold_mailbox(address_hash)
+    refused = _limit_refusal(session_uuid, address_hash, client_network, now, stay_on)
     if refused is not None:
         limit, refusal = refused
         audit.record("verification_limit_hit", context, session_uuid, limit=limit)
@@ -295,7 +295,7 @@ def _claim_send(
         .values(
             session_uuid=session_uuid,
             address_hash=address_hash,
-            network_hash=network_hash,
+            network_hash=client_network,
             sent_at=now,
             delivered=False,
         )
@@ -348,42 +348,47 @@ def _limit_refusal(
             "again.",
             stay_on,
         )
-    # The mailbox's allowance is counted per network first, so a stranger's network uses up only
-    # its own share; the ceiling across networks still bounds the mail one inbox gets in a day.
-    # Both answer the user alike; the audit trail tells them apart.
-    caps = [
-        (
+    hourly = _count_sends(EmailSend.session_uuid == session_uuid, now - timedelta(hours=1), now)
+    if hourly >= config["EMAIL_SENDS_PER_SESSION_PER_HOUR"]:
+        return "hourly_limit", _failure(
             "hourly_limit",
-            "hourly_limit",
-            EmailSend.session_uuid == session_uuid,
-            timedelta(hours=1),
-            "EMAIL_SENDS_PER_SESSION_PER_HOUR",
             "Too many codes were requested for this session. Please try again in an hour.",
-        ),
-        (
-            "address_network_daily_limit",
-            "address_daily_limit",
-            (EmailSend.address_hash == address_hash) & (EmailSend.network_hash == network_hash),
-            timedelta(days=1),
-            "EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY",
-            _ADDRESS_DAILY_LIMIT,
-        ),
-        (
-            "address_daily_limit",
-            "address_daily_limit",
-            EmailSend.address_hash == address_hash,
-            timedelta(days=1),
-            "EMAIL_SENDS_PER_ADDRESS_PER_DAY",
-            _ADDRESS_DAILY_LIMIT,
-        ),
-    ]
-    for limit, error, sender, period, setting, message in caps:
-        if _count_sends(sender, now - period, now) >= config[setting]:
-            return limit, _failure(error, message, stay_on)
+            stay_on,
+        )
+    limit = mailbox_limit_reached(address_hash, network_hash, now)
+    if limit is not None:
+        # Both mailbox caps answer the user alike; the audit trail tells them apart.
+        return limit, _failure("address_daily_limit", _ADDRESS_DAILY_LIMIT, stay_on)
     return None
 
 
-def _serialise_sends_to(address_hash: str) -> None:
+def mailbox_limit_reached(address_hash: str, network_hash: str, now: datetime) -> str | None:
+    """The daily cap of the mailbox that one more send to it would break, or None.
+
+    The mailbox's allowance is counted per network first, so a stranger's network uses up only
+    its own share; the ceiling across networks still bounds the mail one inbox gets in a day.
+    Every code mailed counts, whatever it is for. The caller holds ``hold_mailbox``.
+    """
+    config = current_app.config
+    caps = [
+        (
+            "address_network_daily_limit",
+            (EmailSend.address_hash == address_hash) & (EmailSend.network_hash == network_hash),
+            "EMAIL_SENDS_PER_ADDRESS_PER_NETWORK_PER_DAY",
+        ),
+        (
+            "address_daily_limit",
+            EmailSend.address_hash == address_hash,
+            "EMAIL_SENDS_PER_ADDRESS_PER_DAY",
+        ),
+    ]
+    for limit, sender, setting in caps:
+        if _count_sends(sender, now - timedelta(days=1), now) >= config[setting]:
+            return limit
+    return None
+
+
+def hold_mailbox(address_hash: str) -> None:
     """Hold a lock on this address until commit, so concurrent sessions count its sends in turn.
 
     SQLite already runs one writer at a time, and the session touch before this took the
@@ -494,7 +499,7 @@ def _code_hash(session_uuid: uuid.UUID, code: str) -> str:
     return keyed_hash(f"code:{session_uuid}", code)
 
 
-def _address_hash(email: str) -> str:
+def mailbox_hash(email: str) -> str:
     """The keyed hash the caps count a mailbox by (see ``_mailbox``)."""
     return keyed_hash("address", _mailbox(email))
 
@@ -510,7 +515,7 @@ def _mailbox(email: str) -> str:
     return f"{untagged or local}@{domain}"
 
 
-def _network_hash(context: AuditContext) -> str:
+def network_hash(context: AuditContext) -> str:
     """The keyed hash of the asking client's network: its IPv4 /24 or IPv6 /64."""
     # The audit context keeps an IPv6 client only to its /48, too coarse to tell subscribers
     # apart; the request has the whole address. Outside a request the context is all there is.
