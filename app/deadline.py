@@ -89,12 +89,6 @@ def expires_at() -> float | None:
     return None if current is None else current.expires
 
 
-def remaining() -> float | None:
-    """Seconds the current request has left (never negative), or None outside a request."""
-    current = _deadline.get()
-    return None if current is None else max(0.0, current.expires - time.monotonic())
-
-
 def bound(timeout: float, *, leave_reserve: bool = False) -> float:
     """``timeout``, shortened to the time the request has left; DeadlineExceeded if none is.
 

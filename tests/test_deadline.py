@@ -11,7 +11,7 @@ from app import deadline
 
 
 def test_outside_a_request_a_call_keeps_its_own_timeout() -> None:
-    assert deadline.remaining() is None
+    assert deadline.expires_at() is None
     assert deadline.bound(7.0) == 7.0
 
 
@@ -19,7 +19,7 @@ def test_inside_a_request_a_call_gets_at_most_the_time_left() -> None:
     with deadline.until(time.monotonic() + 2.0):
         assert 1.9 < deadline.bound(7.0) <= 2.0
         assert deadline.bound(0.5) == 0.5
-    assert deadline.remaining() is None
+    assert deadline.expires_at() is None
 
 
 def test_no_call_starts_once_the_deadline_has_passed() -> None:
