@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -52,8 +55,9 @@ def test_a_call_past_its_bound_is_abandoned_and_cut() -> None:
 def test_while_too_many_calls_are_stuck_new_ones_fail_at_once() -> None:
     release = threading.Event()
     try:
+        # Exactly the limit is let through, each given up on at its bound.
         for _ in range(deadline.MAX_RUNNING_CALLS):
-            with pytest.raises(deadline.DeadlineExceeded):
+            with pytest.raises(deadline.DeadlineExceeded, match="no answer within"):
                 deadline.call_within(0.01, lambda: release.wait(10))
         started = time.monotonic()
         with pytest.raises(deadline.DeadlineExceeded, match="still waiting"):
@@ -95,3 +99,46 @@ def test_undoing_a_half_done_change_gets_a_fresh_allowance_the_size_of_the_reser
             assert 1.9 < deadline.bound(5.0) <= 2.0
     with deadline.grace():
         assert deadline.bound(5.0) == 5.0
+
+
+def test_the_deadline_a_request_runs_under_can_be_carried_into_its_streamed_answer() -> None:
+    expires = time.monotonic() + 3.0
+    with deadline.until(expires):
+        assert deadline.expires_at() == expires
+    assert deadline.expires_at() is None
+
+
+def test_a_call_stuck_on_a_frozen_peer_does_not_keep_the_process_from_exiting() -> None:
+    # gunicorn's SIGTERM ends a worker at interpreter exit, which joins every non-daemon thread.
+    program = (
+        "import threading\n"
+        "from app import deadline\n"
+        "frozen = threading.Event()\n"
+        "try:\n"
+        "    deadline.call_within(0.1, lambda: frozen.wait(30))\n"
+        "except deadline.DeadlineExceeded:\n"
+        "    pass\n"
+    )
+    started = time.monotonic()
+    finished = subprocess.run([sys.executable, "-c", program], timeout=20, check=False)
+    assert finished.returncode == 0
+    assert time.monotonic() - started < 10
+
+
+def test_a_forked_child_starts_with_no_calls_counted() -> None:
+    release = threading.Event()
+    try:
+        for _ in range(deadline.MAX_RUNNING_CALLS):
+            with pytest.raises(deadline.DeadlineExceeded):
+                deadline.call_within(0.01, lambda: release.wait(10))
+        child = os.fork()
+        if child == 0:
+            # The parent's stuck calls are not the child's: it may call at once.
+            try:
+                os._exit(0 if deadline.call_within(1.0, lambda: 7) == 7 else 1)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+    finally:
+        release.set()
+    assert os.waitstatus_to_exitcode(status) == 0
