@@ -65,7 +65,7 @@ def test_while_too_many_calls_are_stuck_new_ones_fail_at_once() -> None:
         assert time.monotonic() - started < 0.1
     finally:
         release.set()
-    # Once they end, calls run again.
+    # Once they end, calls run again, up to the whole limit again.
     give_up_at = time.monotonic() + 5
     while time.monotonic() < give_up_at:
         try:
@@ -75,6 +75,13 @@ def test_while_too_many_calls_are_stuck_new_ones_fail_at_once() -> None:
             time.sleep(0.05)
     else:
         pytest.fail("bounded calls never ran again")
+    again = threading.Event()
+    try:
+        for _ in range(deadline.MAX_RUNNING_CALLS):
+            with pytest.raises(deadline.DeadlineExceeded, match="no answer within"):
+                deadline.call_within(0.01, lambda: again.wait(10))
+    finally:
+        again.set()
 
 
 def test_calls_before_the_database_leave_it_the_reserve() -> None:
@@ -142,3 +149,11 @@ def test_a_forked_child_starts_with_no_calls_counted() -> None:
     finally:
         release.set()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_bounded_call_runs_on_a_named_daemon_thread() -> None:
+    def where() -> tuple[bool, str]:
+        current = threading.current_thread()
+        return current.daemon, current.name
+
+    assert deadline.call_within(1.0, where) == (True, "bounded-call")
