@@ -176,3 +176,43 @@ def test_mail_that_hangs_past_the_deadline_leaves_time_to_record_the_failure(
     )
     # The send gave up before the deadline, leaving its reserve for recording the failure.
     assert elapsed < DEADLINE
+
+
+def test_a_host_name_is_resolved_within_the_bound_and_handed_to_libpq(postgres_url: str) -> None:
+    # libpq would resolve the name itself, outside every timeout; the app resolves it first.
+    by_name = make_url(postgres_url).set(host="localhost").render_as_string(hide_password=False)
+    app = build_app(by_name)
+    with app.app_context():
+        from app.extensions import db
+
+        driver = db.session.connection().connection.dbapi_connection
+        parameters = driver.get_dsn_parameters()  # type: ignore[union-attr]
+        db.session.rollback()
+
+    assert parameters["host"] == "localhost"
+    assert parameters.get("hostaddr") in {"127.0.0.1", "::1"}
+
+
+def test_a_new_connection_to_a_frozen_database_gives_up_after_the_connect_timeout(
+    postgres_url: str, proxy: FaultProxy
+) -> None:
+    # Outside a request: connecting has its own, shorter cap than a statement.
+    build_app(postgres_url)
+    url = make_url(postgres_url).set(host=proxy.host, port=proxy.port)
+    job_app = build_app(
+        url.render_as_string(hide_password=False),
+        DATABASE_CONNECT_TIMEOUT_SECONDS="1",
+        DATABASE_STATEMENT_TIMEOUT_MS="4000",
+    )
+    proxy.mode = "freeze"
+    with job_app.app_context():
+        from app.extensions import db
+
+        db.engine.dispose()
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="did not answer"):
+            db.session.connection()
+        elapsed = time.monotonic() - started
+        db.session.rollback()
+
+    assert 0.8 < elapsed < 2.5
