@@ -46,7 +46,8 @@ migrate: $(VENV)/.runtime
 ## `make mutate MUTATED=app.services.consent` runs one module. A timeout counts as caught.
 MUTATED ?= app.services.email_verification app.services.files app.services.erasure \
 	app.services.consent app.services.orphan_sweep app.services.job_runs app.rate_limits \
-	app.services.download_links app.deadline app.db_deadline app.redis_connection
+	app.services.download_links app.deadline app.db_deadline app.redis_connection \
+	app.services.data_requests
 mutate: $(VENV)/.dev
 	@for module in $(MUTATED); do \
 		echo "mutating $$module"; \

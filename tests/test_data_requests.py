@@ -432,6 +432,17 @@ def test_a_code_is_for_its_own_address_only(app: Flask, client: FlaskClient, inb
     assert verify(client, ANN, code).status_code == 200
 
 
+def test_a_new_code_for_one_address_leaves_another_address_s_code_alive(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    verified_session(client, inbox, ANN)
+    verified_session(client, inbox, BOB)
+    bobs = ask_code(app, client, inbox, BOB)
+    ask_code(app, client, inbox, ANN)
+
+    assert verify(client, BOB, bobs).status_code == 200
+
+
 # --- 4. the token: scope and life ---------------------------------------------------------------
 
 
