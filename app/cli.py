@@ -11,7 +11,6 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from app import jobs
-from app.clock import utcnow
 from app.errors import InvalidRequest, StorageUnavailableError
 from app.schemas import DataRequestExportSchema, SessionSummarySchema
 from app.services import admin_alerts, audit, data_requests
@@ -136,21 +135,7 @@ def gdpr_export(email: str) -> None:
     address = _address(email)
     # The files' download links are built for the address the person will use them at.
     with current_app.test_request_context(base_url=current_app.config["PUBLIC_BASE_URL"]):
-        exports = data_requests.export_all(address, OPERATOR, by="operator")
-    body = {
-        "status": "success",
-        "message": "Everything this service holds under this address.",
-        "exported_at": utcnow(),
-        "sessions": [
-            {
-                "profile": exported.chat_session,
-                "consent_history": exported.consent_history,
-                "files": exported.files,
-                "audit_events": exported.audit_events,
-            }
-            for exported in exports
-        ],
-    }
+        body = data_requests.export_document(address, OPERATOR, by="operator")
     click.echo(json.dumps(DataRequestExportSchema().dump(body), indent=2))
 
 

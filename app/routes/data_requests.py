@@ -6,7 +6,6 @@ from typing import Any
 
 from flask import request
 
-from app.clock import utcnow
 from app.middleware import request_audit_context
 from app.rate_limits import limited_per_ip
 from app.routes import ApiBlueprint
@@ -71,21 +70,7 @@ def verify(body: dict[str, Any]) -> dict[str, Any]:
 def export() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Everything held about every session tied to the token's address, as a JSON download."""
     holder = data_requests.holder(request.headers.get("Authorization"))
-    exports = data_requests.export_all(holder.address, request_audit_context())
-    body = {
-        "status": "success",
-        "message": "Everything this service holds under this address.",
-        "exported_at": utcnow(),
-        "sessions": [
-            {
-                "profile": exported.chat_session,
-                "consent_history": exported.consent_history,
-                "files": exported.files,
-                "audit_events": exported.audit_events,
-            }
-            for exported in exports
-        ],
-    }
+    body = data_requests.export_document(holder.address, request_audit_context())
     return body, 200, {"Content-Disposition": 'attachment; filename="my-data.json"'}
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 from flask import Flask, current_app
@@ -244,6 +245,24 @@ def export_all(
     )
     db.session.commit()
     return exports
+
+
+def export_document(address: str, context: AuditContext, *, by: str = "token") -> dict[str, Any]:
+    """The export of every session tied to ``address``, as one JSON document to download."""
+    return {
+        "status": "success",
+        "message": "Everything this service holds under this address.",
+        "exported_at": utcnow(),
+        "sessions": [
+            {
+                "profile": exported.chat_session,
+                "consent_history": exported.consent_history,
+                "files": exported.files,
+                "audit_events": exported.audit_events,
+            }
+            for exported in export_all(address, context, by=by)
+        ],
+    }
 
 
 def erase_all(
