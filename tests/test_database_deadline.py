@@ -33,14 +33,19 @@ def proxy(postgres_url: str) -> Iterator[FaultProxy]:
         yield fault_proxy
 
 
-@pytest.fixture
-def app(postgres_url: str, proxy: FaultProxy) -> Flask:
-    # The schema is applied straight to the database; the app then goes through the proxy.
+def app_through(proxy: FaultProxy, postgres_url: str, **overrides: str) -> Flask:
+    """An app whose database is reached through ``proxy``.
+
+    The schema is applied straight to the database; the app then goes through the proxy.
+    """
     build_app(postgres_url)
     url = make_url(postgres_url).set(host=proxy.host, port=proxy.port)
-    return build_app(
-        url.render_as_string(hide_password=False), REQUEST_DEADLINE_SECONDS=str(DEADLINE)
-    )
+    return build_app(url.render_as_string(hide_password=False), **overrides)
+
+
+@pytest.fixture
+def app(postgres_url: str, proxy: FaultProxy) -> Flask:
+    return app_through(proxy, postgres_url, REQUEST_DEADLINE_SECONDS=str(DEADLINE))
 
 
 def timed_post(app: Flask, path: str, **kwargs: object) -> tuple[int, dict[str, object], float]:
@@ -112,12 +117,8 @@ def test_outside_a_request_a_frozen_database_is_given_up_on_after_its_own_cap(
     postgres_url: str, proxy: FaultProxy
 ) -> None:
     # A job or the admin-alert thread has no request deadline: statement timeout + 1 s.
-    build_app(postgres_url)
-    url = make_url(postgres_url).set(host=proxy.host, port=proxy.port)
-    job_app = build_app(
-        url.render_as_string(hide_password=False),
-        DATABASE_STATEMENT_TIMEOUT_MS="1000",
-        DATABASE_LOCK_TIMEOUT_MS="500",
+    job_app = app_through(
+        proxy, postgres_url, DATABASE_STATEMENT_TIMEOUT_MS="1000", DATABASE_LOCK_TIMEOUT_MS="500"
     )
     with job_app.app_context():
         from app.extensions import db
@@ -197,10 +198,9 @@ def test_a_new_connection_to_a_frozen_database_gives_up_after_the_connect_timeou
     postgres_url: str, proxy: FaultProxy
 ) -> None:
     # Outside a request: connecting has its own, shorter cap than a statement.
-    build_app(postgres_url)
-    url = make_url(postgres_url).set(host=proxy.host, port=proxy.port)
-    job_app = build_app(
-        url.render_as_string(hide_password=False),
+    job_app = app_through(
+        proxy,
+        postgres_url,
         DATABASE_CONNECT_TIMEOUT_SECONDS="1",
         DATABASE_STATEMENT_TIMEOUT_MS="4000",
     )
