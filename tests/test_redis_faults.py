@@ -188,3 +188,18 @@ def test_a_redis_command_gets_no_more_than_the_time_the_request_has_left() -> No
 
     assert 0.4 < elapsed < 0.8
     assert failures, "the failure was reported, so the limiter waits before trying again"
+
+
+def test_a_redis_command_inside_a_request_leaves_the_reserve_for_the_database() -> None:
+    with dripping_server(*TRICKLE) as port:
+        uri = redis_at(port)
+        options = bounded_options(uri, on_failure=lambda: None)
+        client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5, **options)
+        with deadline.until(time.monotonic() + 1.2, reserve=0.6):
+            started = time.monotonic()
+            with pytest.raises((redis.TimeoutError, TimeoutError)):
+                client.ping()
+            elapsed = time.monotonic() - started
+        client.close()
+
+    assert 0.5 < elapsed < 0.9, "the command stops when only the reserve is left, not at the end"
