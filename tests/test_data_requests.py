@@ -234,6 +234,10 @@ def test_verify_finds_every_session_of_the_address_in_any_letter_case(
     assert [datetime.fromisoformat(s["created_at"]) for s in summaries] == [
         row.created_at for row in rows if row is not None
     ]
+    for summary, row in zip(summaries, rows, strict=True):
+        assert row is not None
+        assert datetime.fromisoformat(summary["last_seen_at"]) == row.last_seen_at
+        assert datetime.fromisoformat(summary["completed_at"]) == row.completed_at
     # No session UUID in the answer, in any spelling, nor in the token.
     assert UUID_SHAPED.search(verified.get_data(as_text=True)) is None
     token = body["token"]
@@ -263,6 +267,11 @@ def test_export_holds_exactly_the_sessions_of_the_address(
     assert exported.headers["Content-Disposition"].startswith("attachment;")
     body = exported.get_json()
     assert body["status"] == "success"
+    assert body["message"] == "Everything this service holds under this address."
+    assert abs(datetime.fromisoformat(body["exported_at"]) - datetime.now(UTC)) < timedelta(
+        minutes=1
+    )
+    assert [len(entry["consent_history"]) for entry in body["sessions"]] == [0, 0]
     profiles = [entry["profile"] for entry in body["sessions"]]
     assert [(p["uuid"], p["email"], p["email_verified"]) for p in profiles] == [
         (first, ANN, True),
@@ -420,6 +429,41 @@ def test_a_new_code_voids_the_previous_one(app: Flask, client: FlaskClient, inbo
     refused(stale, "invalid_code")
     assert fresh.status_code == 200, fresh.get_json()
     refused(verify(client, ANN, second), "no_code")  # single use
+
+
+def test_a_code_asked_for_after_a_used_one_works(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    verified_session(client, inbox, ANN)
+    token_for(app, client, inbox, ANN)  # the first code is used up
+
+    again = verify(client, ANN, ask_code(app, client, inbox, ANN))
+
+    assert again.status_code == 200, again.get_json()
+
+
+def test_codes_are_drawn_from_all_six_digits(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
+    verified_session(client, inbox, ANN)
+
+    codes = [ask_code(app, client, inbox, ANN) for _ in range(8)]
+
+    assert all(re.fullmatch(r"\d{6}", code) for code in codes), codes
+    # Eight codes all under 1,000 would happen once in 10^24 draws from a million.
+    assert max(int(code) for code in codes) >= 1000, codes
+
+
+def test_a_mailed_code_is_recorded_as_delivered(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    verified_session(client, inbox, ANN)
+    with app.app_context():
+        before = set(db.session.scalars(select(EmailSend.id)))
+
+    ask_code(app, client, inbox, ANN)
+
+    with app.app_context():
+        [send] = db.session.scalars(select(EmailSend).where(EmailSend.id.not_in(before)))
+        assert (send.delivered, send.failed, send.session_uuid) == (True, False, None)
 
 
 def test_a_code_is_for_its_own_address_only(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
