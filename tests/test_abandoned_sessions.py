@@ -15,10 +15,13 @@ from app.clock import utcnow
 from app.extensions import db
 from app.models import ChatSession, EmailSend, SessionState
 from app.services.abandoned_sessions import purge_abandoned
+from app.services.chat_sessions import TOUCH_EVERY
 from app.storage import current_storage, session_objects
 from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row, unreachable_s3_env
 
 IDLE = timedelta(hours=24)
+# The stored last-seen time may lag the last request by up to TOUCH_EVERY.
+PURGEABLE = IDLE + TOUCH_EVERY + timedelta(minutes=1)
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def purge(app: Flask, *, dry_run: bool = False):
 
 def test_an_idle_pending_session_is_purged_and_its_uuid_retired(app: Flask) -> None:
     idle = session_with_file(app)
-    idle_for(app, idle, IDLE + timedelta(minutes=1))
+    idle_for(app, idle, PURGEABLE)
 
     report = purge(app)
 
@@ -90,6 +93,17 @@ def test_verified_and_active_sessions_are_untouched(app: Flask) -> None:
     for kept in (verified, active):
         assert session_row(app, kept) is not None
         assert files_of(app, kept) == 1
+
+
+def test_a_session_whose_last_sighting_was_not_written_is_not_purged_early(app: Flask) -> None:
+    # Seen less than IDLE ago, but the stored time lags that sighting by most of TOUCH_EVERY.
+    recent = session_with_file(app)
+    idle_for(app, recent, IDLE + TOUCH_EVERY - timedelta(minutes=1))
+
+    report = purge(app)
+
+    assert report.sessions_purged == 0
+    assert session_row(app, recent) is not None
 
 
 def test_a_dry_run_changes_nothing(app: Flask) -> None:

@@ -12,14 +12,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from app import create_app
+from app.extensions import db
 from app.services import admin_alerts
+from app.services.chat_sessions import COUNT_UP_TO
 from tests.conftest import JSON_HEADERS, base_env, build_app
 from tests.servers import app_process, free_port, gunicorn_process
 from tests.test_browser import _browser_required, chromium
@@ -374,6 +378,39 @@ def test_sessions_by_state_come_from_the_database_and_are_cached(sqlite_url: str
     assert value(scrape(fresh), "sessions", state="pending") == 3
     assert value(scrape(fresh), "sessions", state="verified") == 0
     assert (first, value(scrape(cached), "sessions", state="pending")) == (2, 2)
+
+
+def test_sessions_by_state_on_a_large_table_come_from_statistics_without_a_scan(
+    postgres_url: str,
+) -> None:
+    app = build_app(postgres_url, METRICS_SESSION_COUNT_SECONDS="0")
+    client = app.test_client()
+    fill = (
+        "INSERT INTO chat_sessions (uuid, state, created_at, last_seen_at, consent_user_data,"
+        " email_verified) SELECT gen_random_uuid(), CASE WHEN n % 4 = 0 THEN 'verified'"
+        " ELSE 'pending' END, now(), now(), false, n % 4 = 0 FROM generate_series(1, :rows) n"
+    )
+
+    def run(statement: str, **params: int) -> None:
+        with app.app_context(), db.engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            connection.execute(text(statement), params)
+
+    run(fill, rows=2 * COUNT_UP_TO)
+    run("ANALYZE chat_sessions")
+    try:
+        pending = value(scrape(client), "sessions", state="pending")
+        verified = value(scrape(client), "sessions", state="verified")
+        run(fill, rows=1000)
+        again = value(scrape(client), "sessions", state="pending")
+    finally:
+        # The statistics outlive the rows: other tests on this database must count again.
+        run("DELETE FROM chat_sessions")
+        run("ANALYZE chat_sessions")
+
+    assert pending == pytest.approx(1.5 * COUNT_UP_TO, rel=0.05)
+    assert verified == pytest.approx(0.5 * COUNT_UP_TO, rel=0.05)
+    assert again == pending, "read from the statistics, not counted"
 
 
 # Across gunicorn workers

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from app.clock import utcnow
 from app.extensions import db
@@ -139,6 +139,32 @@ def test_validate_resumes_a_live_session(app: Flask, client: FlaskClient) -> Non
     assert after is not None
     assert after.last_seen_at > idle_since + timedelta(minutes=59)
     assert audit_rows(app)[-1].event_type == "uuid_validated"
+
+
+def row_version(app: Flask, session_uuid: str) -> tuple[object, ...]:
+    """What changes whenever the row is written: its PostgreSQL xmin, or its stored values."""
+    with app.app_context():
+        if db.engine.dialect.name == "postgresql":
+            query = text("SELECT xmin::text FROM chat_sessions WHERE uuid = :u")
+            return tuple(db.session.execute(query, {"u": uuid.UUID(session_uuid)}).one())
+        row = db.session.get(ChatSession, uuid.UUID(session_uuid))
+        assert row is not None
+        return (row.last_seen_at,)
+
+
+def test_a_session_seen_again_within_minutes_is_not_rewritten(
+    app: Flask, client: FlaskClient
+) -> None:
+    issued = register(client)
+    before = row_version(app, issued)
+
+    assert post(client, "validate-uuid", {"uuid": issued}).status_code == 200
+    overview = client.get(f"/api/v1/session/{issued}", headers=JSON_HEADERS)
+
+    assert overview.status_code == 200
+    assert row_version(app, issued) == before
+    reported = datetime.fromisoformat(overview.get_json()["last_seen_at"])
+    assert abs(reported - datetime.now(UTC)) < timedelta(seconds=5), "this call is the sighting"
 
 
 def test_validate_registers_an_unknown_v4_uuid(app: Flask, client: FlaskClient) -> None:

@@ -131,7 +131,7 @@ def _overview(overview: SessionOverview, message: str) -> dict[str, Any]:
         "uuid": chat_session.uuid,
         "state": chat_session.state.value,
         "created_at": chat_session.created_at,
-        "last_seen_at": chat_session.last_seen_at,
+        "last_seen_at": overview.seen_at,
         "completed_at": chat_session.completed_at,
         "consent_user_data": chat_session.consent_user_data,
         "consent_at": chat_session.consent_at,

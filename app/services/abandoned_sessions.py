@@ -13,6 +13,7 @@ from app.extensions import db
 from app.models import ChatSession, EmailSend, RetirementReason, SessionState
 from app.services import audit
 from app.services.audit import SYSTEM
+from app.services.chat_sessions import TOUCH_EVERY
 from app.services.erasure import erase_all, report_problems
 from app.storage import current_storage, session_objects
 
@@ -38,10 +39,14 @@ class PurgeReport:
 
 
 def purge_abandoned(*, now: datetime, idle: timedelta, dry_run: bool) -> PurgeReport:
-    """Erase pending sessions idle since before ``now - idle``: files, row, UUID retired."""
+    """Erase pending sessions idle since before ``now - idle``: files, row, UUID retired.
+
+    ``last_seen_at`` may lag the last request by up to TOUCH_EVERY, so that much more idle
+    time is asked for: a session seen within ``idle`` is never purged.
+    """
     report = PurgeReport(dry_run=dry_run)
     started = time.perf_counter()
-    eligible = _abandoned(now - idle)
+    eligible = _abandoned(now - idle - TOUCH_EVERY)
     if dry_run:
         _count(eligible, report)
     else:

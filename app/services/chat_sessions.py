@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, cast
 from uuid import uuid4
 
@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -41,6 +42,11 @@ from app.services.erasure import files_lock_name
 from app.storage import StorageUnavailable, current_storage, session_objects
 
 GENERATION_ATTEMPTS = 3
+
+# How stale ``last_seen_at`` may be. A session seen again within this time is not written:
+# rewriting an indexed column on every request costs a dead tuple, index entries and WAL, and
+# what reads the column (the abandoned purge, retention) counts in hours and days.
+TOUCH_EVERY = timedelta(minutes=5)
 
 # The canonical spelling only: 8-4-4-4-12 hex digits, version nibble 4, RFC 4122 variant.
 _UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -117,40 +123,69 @@ def validate(raw: str, context: AuditContext, budget: SessionBudget) -> Validati
 
 @dataclass(frozen=True)
 class SessionOverview:
-    """A live session and how many files it holds."""
+    """A live session, how many files it holds, and when it was last seen (now)."""
 
     chat_session: ChatSession
     file_count: int
+    # The stored last_seen_at may lag by up to TOUCH_EVERY; this call is the latest sighting.
+    seen_at: datetime
 
 
 def describe(session_uuid: uuid.UUID) -> SessionOverview:
     """A live session and its file count, with its last-seen time touched."""
+    now = utcnow()
+    if session_uuid.version != 4 or not _mark_seen(session_uuid, now, lock=False):
+        raise SessionNotFound()
     chat_session = _live_session(session_uuid)
-    chat_session.last_seen_at = utcnow()
     db.session.commit()
     try:
         file_count = len(session_objects(current_storage(), session_uuid))
     except StorageUnavailable as exc:
         raise StorageUnavailableError() from exc
-    return SessionOverview(chat_session, file_count)
+    return SessionOverview(chat_session, file_count, seen_at=now)
 
 
 def count_by_state() -> dict[SessionState, int]:
-    """How many live sessions are in each state (an index-only scan on PostgreSQL)."""
-    rows = db.session.execute(_COUNT_BY_STATE).all()
-    db.session.commit()
+    """How many live sessions are in each state: counted, or on a large table estimated.
+
+    Counting reads the whole table, which at millions of sessions takes longer than a scrape
+    should, and at tens of millions longer than the statement timeout. Above COUNT_UP_TO rows
+    PostgreSQL's own statistics answer instead: the table's size and each state's share as of
+    its last ANALYZE, which autovacuum repeats after every tenth of the table has changed.
+    """
     counts = dict.fromkeys(SessionState, 0)
-    counts.update({SessionState(state): count for state, count in rows})
+    estimate = _estimated_by_state() if has_advisory_locks() else None
+    if estimate is not None:
+        counts.update(estimate)
+    else:
+        rows = db.session.execute(_COUNT_BY_STATE).all()
+        counts.update({SessionState(state): count for state, count in rows})
+    db.session.commit()
     return counts
+
+
+# Below this many rows (by the planner's statistics) an exact count costs a few milliseconds.
+COUNT_UP_TO = 100_000
+
+
+def _estimated_by_state() -> dict[SessionState, int] | None:
+    """Sessions per state from PostgreSQL's statistics; None if the table is small or unanalysed."""
+    row = execute(_STATE_STATISTICS).one()
+    if row.reltuples < COUNT_UP_TO or row.states is None:
+        return None
+    return {
+        SessionState(state): round(row.reltuples * share)
+        for state, share in zip(row.states, row.shares, strict=True)
+    }
 
 
 def lock_live_session(session_uuid: uuid.UUID) -> None:
     """Touch a live session and hold its row until the caller commits; SessionNotFound if none.
 
-    On PostgreSQL the UPDATE takes the row lock; on SQLite it takes the database write lock.
-    Either way, operations on one session that start with this run one at a time.
+    On PostgreSQL it takes the row lock; on SQLite it writes, which takes the database write
+    lock. Either way, operations on one session that start with this run one at a time.
     """
-    if session_uuid.version != 4 or not _touch(session_uuid, utcnow()):
+    if session_uuid.version != 4 or not _mark_seen(session_uuid, utcnow(), lock=True):
         raise SessionNotFound()
 
 
@@ -162,16 +197,16 @@ def is_live(session_uuid: uuid.UUID) -> bool:
 def hold_session_files(session_uuid: uuid.UUID) -> None:
     """Serialise this live session's file operations until the caller commits.
 
-    The session is touched first. On PostgreSQL that touch is committed at once, so the row,
-    which every other call touches, is free again before storage is called; the file lock is
-    an advisory lock that only the session's other file operations (upload, delete, consent
-    withdrawal, erasure) wait for. On SQLite the touch takes the database-wide write lock, which
-    serialises writers anyway. Call it before anything else in the transaction.
+    The session is touched first, without holding its row: on PostgreSQL the file lock is an
+    advisory lock that only the session's other file operations (upload, delete, consent
+    withdrawal, erasure) wait for. On SQLite the touch writes, which takes the database-wide
+    write lock that serialises writers anyway. Call it before anything else in the transaction.
     SessionNotFound if the session is not live.
     """
-    if session_uuid.version != 4 or not _touch(session_uuid, utcnow()):
+    postgres = has_advisory_locks()
+    if session_uuid.version != 4 or not _mark_seen(session_uuid, utcnow(), lock=not postgres):
         raise SessionNotFound()
-    if has_advisory_locks():
+    if postgres:
         db.session.commit()
         advisory_xact_lock(files_lock_name(session_uuid))
         # An erasure may have ended the session between the touch and the lock.
@@ -250,7 +285,7 @@ def _resume_or_register(
     session_uuid: uuid.UUID, context: AuditContext, budget: SessionBudget
 ) -> _Claim:
     now = utcnow()
-    if _touch(session_uuid, now):
+    if _mark_seen(session_uuid, now, lock=False):
         return _Claim.RESUMED
     # A new session follows either way: this one registered, or a replacement for an ended one.
     budget.spend()
@@ -263,7 +298,7 @@ def _resume_or_register(
         execute(_UNCLAIM, {"session_uuid": session_uuid})
         return _Claim.ENDED
     # Another request registered it between our two statements.
-    if _touch(session_uuid, now):
+    if _mark_seen(session_uuid, now, lock=False):
         return _Claim.RESUMED
     return _Claim.ENDED
 
@@ -278,9 +313,21 @@ _TOUCH = (
     .values(last_seen_at=bindparam("now"))
     .returning(_SESSIONS.c.uuid)
 )
+_LAST_SEEN = select(_SESSIONS.c.last_seen_at).where(_SESSIONS.c.uuid == bindparam("session_uuid"))
+# FOR NO KEY UPDATE: the lock an UPDATE of the row takes, without writing a new row version.
+_LAST_SEEN_LOCKED = _LAST_SEEN.with_for_update(key_share=True)
 _IS_RETIRED = select(exists().where(_RETIRED.c.uuid == bindparam("session_uuid")))
 _IS_LIVE = select(exists().where(_SESSIONS.c.uuid == bindparam("session_uuid")))
 _COUNT_BY_STATE = select(_SESSIONS.c.state, func.count()).group_by(_SESSIONS.c.state)
+# reltuples is -1 until the table is first vacuumed or analysed. most_common_vals is anyarray,
+# which only casts through text.
+_STATE_STATISTICS = text(
+    "SELECT c.reltuples, s.most_common_vals::text::text[] AS states,"
+    " s.most_common_freqs AS shares"
+    " FROM pg_class c LEFT JOIN pg_stats s"
+    " ON s.schemaname = current_schema() AND s.tablename = c.relname AND s.attname = 'state'"
+    " WHERE c.oid = CAST('chat_sessions' AS regclass)"
+)
 _UNCLAIM = delete(_SESSIONS).where(_SESSIONS.c.uuid == bindparam("session_uuid"))
 
 
@@ -319,9 +366,21 @@ _CLAIM = {
 }
 
 
-def _touch(session_uuid: uuid.UUID, now: datetime) -> bool:
-    """Mark a live session as seen; False if there is no such row."""
+def _mark_seen(session_uuid: uuid.UUID, now: datetime, *, lock: bool) -> bool:
+    """Mark a live session as seen (written only once per TOUCH_EVERY); False if there is none.
+
+    With ``lock``, the row is held until the caller commits. SQLite has no row locks: there
+    the row is written every time, which takes the database write lock.
+    """
     params = {"session_uuid": session_uuid, "now": now}
+    if lock and not has_advisory_locks():
+        return execute(_TOUCH, params).first() is not None
+    last_seen = execute(_LAST_SEEN_LOCKED if lock else _LAST_SEEN, params).scalar()
+    if last_seen is None:
+        return False
+    if last_seen > now - TOUCH_EVERY:
+        return True
+    # None if an erasure deleted the row after it was read: the session has just ended.
     return execute(_TOUCH, params).first() is not None
 
 
