@@ -86,3 +86,18 @@ def advisory_xact_lock(name: str, *, wait: bool = True) -> bool:
     function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
     result = db.session.execute(text(f"SELECT {function}(:key)"), {"key": lock_key(name)})
     return result.scalar() is not False
+
+
+def try_advisory_xact_locks(names: list[str]) -> list[str]:
+    """Of ``names``, those whose advisory locks this transaction now holds, taken in one statement.
+
+    Never waits: a lock another transaction holds is left out (PostgreSQL only).
+    """
+    keys = {lock_key(name): name for name in names}
+    held = db.session.execute(_TRY_LOCKS, {"keys": list(keys)}).scalars()
+    return [keys[key] for key in held]
+
+
+_TRY_LOCKS = text(
+    "SELECT key FROM unnest(CAST(:keys AS bigint[])) AS key WHERE pg_try_advisory_xact_lock(key)"
+)

@@ -9,13 +9,14 @@ from datetime import timedelta
 
 import pytest
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from app.clock import utcnow
 from app.extensions import db
-from app.models import ChatSession, EmailSend, SessionState
+from app.models import ChatSession, EmailSend, RetirementReason, SessionState
 from app.services.abandoned_sessions import purge_abandoned
 from app.services.chat_sessions import TOUCH_EVERY
+from app.services.erasure import erase_all
 from app.storage import current_storage, session_objects
 from tests.conftest import JSON_HEADERS, audit_rows, build_app, session_row, unreachable_s3_env
 
@@ -166,3 +167,34 @@ def test_the_cli_and_the_schedule(database_url: str) -> None:
         assert scheduled.extensions["scheduler"].get_job("abandoned_sessions") is not None
     finally:
         scheduled.extensions["scheduler"].shutdown(wait=False)
+
+
+def test_erasure_pages_by_key_so_no_statement_grows_with_the_sessions_before_it(
+    app: Flask,
+) -> None:
+    client = app.test_client()
+    sessions = [client.post("/api/v1/generate-uuid").get_json()["uuid"] for _ in range(11)]
+    with app.app_context():
+        # All seen at the same instant: paging must break the tie by UUID.
+        db.session.execute(update(ChatSession).values(last_seen_at=utcnow() - IDLE * 2))
+        db.session.commit()
+    page_sizes: list[int] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("SELECT") and "FROM chat_sessions" in statement:
+            page_sizes.append(len(parameters))
+
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", count)
+        try:
+            totals = erase_all(
+                ChatSession.last_seen_at < utcnow(), reason=RetirementReason.ABANDONED, batch_size=2
+            )
+        finally:
+            event.remove(db.engine, "before_cursor_execute", count)
+
+    assert totals.sessions == len(sessions)
+    assert all(session_row(app, session) is None for session in sessions)
+    # The cutoff, the last key seen (two values), the batch size and (SQLite) an offset of 0.
+    assert len(page_sizes) == 6
+    assert max(page_sizes) <= 5, "the query for a page does not grow with the pages before it"

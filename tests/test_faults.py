@@ -29,9 +29,9 @@ from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import db, lock_key
 from app.models import ChatSession, RetirementReason, SessionState
-from app.services.erasure import erase_all
+from app.services.erasure import erase_all, files_lock_name
 from app.services.orphan_sweep import sweep_orphans
 from app.storage import StorageUnavailable, current_storage
 from tests.conftest import (
@@ -325,12 +325,22 @@ def test_a_sweep_killed_halfway_loses_nothing_and_the_next_run_finishes(
 
 
 @contextmanager
-def row_locked_elsewhere(database_url: str, session_uuid: str) -> Iterator[None]:
-    """Another connection holds the session's row (PostgreSQL) or the write lock (SQLite)."""
+def row_locked_elsewhere(
+    database_url: str, session_uuid: str, *, files: bool = False
+) -> Iterator[None]:
+    """Another connection holds the session's row (PostgreSQL) or the write lock (SQLite).
+
+    With ``files``, on PostgreSQL it holds the session's file lock instead, as a file
+    operation in progress does.
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         holder = sqlite3.connect(str(url.database), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
+    elif files:
+        holder = psycopg2.connect(url.render_as_string(hide_password=False))
+        key = lock_key(files_lock_name(uuid.UUID(session_uuid)))
+        holder.cursor().execute("SELECT pg_advisory_xact_lock(%s)", (key,))
     else:
         holder = psycopg2.connect(url.render_as_string(hide_password=False))
         holder.cursor().execute(
@@ -379,7 +389,7 @@ def test_an_upload_to_a_held_session_stores_nothing(
     client = app.test_client()
     session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
 
-    with row_locked_elsewhere(database_url, session_uuid):
+    with row_locked_elsewhere(database_url, session_uuid, files=True):
         busy = client.post(
             "/api/v1/upload",
             data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, select, tuple_, update
 
 from app.clock import utcnow
-from app.extensions import advisory_xact_lock, db, has_advisory_locks
+from app.extensions import advisory_xact_lock, db, has_advisory_locks, try_advisory_xact_locks
 from app.models import ChatSession, ConsentEvent, EmailSend, RetiredSessionUUID, RetirementReason
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM, AuditContext
@@ -99,15 +100,18 @@ def erase_all(
     likely down, and the next run starts over.
     """
     totals = ErasureTotals()
-    attempted: set[uuid.UUID] = set()
+    # Paged by key, so each batch costs the same however many sessions came before it.
+    order = (ChatSession.last_seen_at, ChatSession.uuid)
+    after: tuple[datetime, uuid.UUID] | None = None
     while True:
-        query = select(ChatSession.uuid).where(eligible).order_by(ChatSession.last_seen_at)
-        if attempted:
-            query = query.where(ChatSession.uuid.not_in(attempted))
-        batch = list(db.session.scalars(query.limit(batch_size)))
-        if not batch:
+        query = select(*order).where(eligible).order_by(*order).limit(batch_size)
+        if after is not None:
+            query = query.where(tuple_(*order) > after)
+        rows = db.session.execute(query).all()
+        if not rows:
             return totals
-        attempted.update(batch)
+        after = (rows[-1].last_seen_at, rows[-1].uuid)
+        batch = [row.uuid for row in rows]
         result = erase_sessions(batch, eligible, reason=reason, context=SYSTEM, wait=False)
         totals.sessions += len(result.files)
         totals.files += sum(
@@ -147,11 +151,11 @@ def _hold_files(session_uuids: list[uuid.UUID], *, wait: bool) -> list[uuid.UUID
     """The sessions whose file locks this transaction now holds, in the order given."""
     if not has_advisory_locks():
         return session_uuids
-    return [
-        session_uuid
-        for session_uuid in session_uuids
-        if advisory_xact_lock(files_lock_name(session_uuid), wait=wait)
-    ]
+    names = {session_uuid: files_lock_name(session_uuid) for session_uuid in session_uuids}
+    if not wait:
+        free = set(try_advisory_xact_locks(list(names.values())))
+        return [session_uuid for session_uuid, name in names.items() if name in free]
+    return [session_uuid for session_uuid, name in names.items() if advisory_xact_lock(name)]
 
 
 def _delete_rows(
