@@ -63,6 +63,11 @@ def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:
     return sqlite.insert(model)
 
 
+def on_postgresql() -> bool:
+    """Whether the database in use is PostgreSQL (else SQLite, the embedded default)."""
+    return db.session.get_bind().dialect.name == "postgresql"
+
+
 def has_advisory_locks() -> bool:
     """Whether the database in use offers advisory locks (PostgreSQL does, SQLite does not).
 

@@ -139,6 +139,11 @@ class RetiredSessionUUID(Base):
         )
     )
 
+    # Old tombstones are pruned by age; written in time order, a BRIN index finds them.
+    __table_args__ = (
+        Index("ix_retired_session_uuids_retired_at", "retired_at", postgresql_using="brin"),
+    )
+
 
 class AuditEvent(Base):
     """One row per session event; never holds personal data."""
@@ -160,6 +165,32 @@ class AuditEvent(Base):
     __table_args__ = (
         # A session's trail is read newest first by export, the CLI and notifications.
         Index("ix_audit_events_session_uuid_occurred_at", "session_uuid", "occurred_at"),
+        # The wrong-code burst check: one client's rejected codes in the last minutes.
+        Index(
+            "ix_audit_events_rejected_codes",
+            "client_ip",
+            "occurred_at",
+            postgresql_where=event_type == "verification_code_rejected",
+            sqlite_where=event_type == "verification_code_rejected",
+        ),
+    )
+
+
+# On PostgreSQL audit_events is partitioned by UTC day (migration 0009): a partition per day,
+# created and dropped by app.services.audit_partitions, and a default one for any other date.
+# They are not described here: the parent table is.
+AUDIT_PARTITION_PREFIX = "audit_events_p"
+AUDIT_DEFAULT_PARTITION = "audit_events_default"
+
+
+def is_audit_partition(table_name: str | None) -> bool:
+    """Whether ``table_name`` is one of audit_events' partitions."""
+    return table_name is not None and (
+        table_name == AUDIT_DEFAULT_PARTITION
+        or (
+            table_name.startswith(AUDIT_PARTITION_PREFIX)
+            and table_name.removeprefix(AUDIT_PARTITION_PREFIX).isdigit()
+        )
     )
 
 

@@ -4,7 +4,7 @@ from flask import current_app
 
 from alembic import context
 
-from app.models import UTCDateTime
+from app.models import UTCDateTime, is_audit_partition
 
 # this is the Alembic Config object, which provides
 # access to the values within the .ini file in use.
@@ -74,6 +74,11 @@ def render_item(type_, obj, autogen_context):
     return False
 
 
+def include_name(name, type_, parent_names):
+    """Leave audit_events' partitions out: the app's retention job creates and drops them."""
+    return not (type_ == "table" and is_audit_partition(name))
+
+
 def run_migrations_online():
     """Run migrations in 'online' mode.
 
@@ -94,6 +99,7 @@ def run_migrations_online():
 
     conf_args = current_app.extensions['migrate'].configure_args
     conf_args.setdefault("render_item", render_item)
+    conf_args.setdefault("include_name", include_name)
     if conf_args.get("process_revision_directives") is None:
         conf_args["process_revision_directives"] = process_revision_directives
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy import ColumnElement, Table, select
 
 from app.extensions import db
 from app.models import ChatSession, EmailSend, RetirementReason, SessionState
-from app.services import audit
+from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
 from app.services.chat_sessions import TOUCH_EVERY
 from app.services.erasure import erase_all, report_problems
+from app.services.pruning import Steps, delete_in_batches
 from app.storage import current_storage, session_objects
 
 JOB_NAME = "abandoned_sessions"
@@ -49,12 +50,18 @@ def purge_abandoned(*, now: datetime, idle: timedelta, dry_run: bool) -> PurgeRe
     eligible = _abandoned(now - idle - TOUCH_EVERY)
     if dry_run:
         _count(eligible, report)
-    else:
-        _purge(eligible, report)
-        report.send_records_pruned = _prune_send_history(now)
-        audit.record("abandoned_purge_completed", SYSTEM, **report.as_dict())
-        db.session.commit()
+        report.duration_seconds = round(time.perf_counter() - started, 3)
+        return report
+    # Each step on its own: send records are pruned even when storage holds up the sessions.
+    steps = Steps(JOB_NAME)
+    steps.run("sessions", lambda: _purge(eligible, report))
+    steps.run("send records", lambda: _prune_send_history(report, now))
+    report.errors += len(steps.failed)
     report.duration_seconds = round(time.perf_counter() - started, 3)
+    audit.record("abandoned_purge_completed", SYSTEM, **report.as_dict())
+    db.session.commit()
+    for step, error in steps.failed.items():
+        admin_alerts.report_job_error(JOB_NAME, f"{step} not pruned ({error})")
     return report
 
 
@@ -78,6 +85,6 @@ def _count(eligible: ColumnElement[bool], report: PurgeReport) -> None:
     db.session.rollback()
 
 
-def _prune_send_history(now: datetime) -> int:
-    result = db.session.execute(delete(EmailSend).where(EmailSend.sent_at < now - SEND_HISTORY))
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+def _prune_send_history(report: PurgeReport, now: datetime) -> None:
+    table = cast(Table, EmailSend.__table__)
+    report.send_records_pruned = delete_in_batches(table, EmailSend.sent_at < now - SEND_HISTORY)

@@ -20,9 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
+from typing import cast
 
 from flask import Flask, current_app, has_request_context, request
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import metrics
@@ -33,6 +34,7 @@ from app.mail import MailUnavailable, current_mailer
 from app.models import AdminNotice, AuditEvent
 from app.privacy import keyed_hash
 from app.request_context import current_correlation_id, request_session_uuid
+from app.services.pruning import delete_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +240,11 @@ def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None
     )
 
 
-def forget_old_notices(now: datetime) -> None:
-    """Drop deduplication records whose window has passed; the caller commits."""
+def forget_old_notices(now: datetime) -> int:
+    """Drop deduplication records whose window has passed, in batches; how many."""
     window = timedelta(minutes=current_app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
-    db.session.execute(delete(AdminNotice).where(AdminNotice.last_sent_at < now - window))
+    table = cast(Table, AdminNotice.__table__)
+    return delete_in_batches(table, AdminNotice.last_sent_at < now - window)
 
 
 def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bool:
