@@ -74,7 +74,7 @@ def has_advisory_locks() -> bool:
     Without them, the caller's first write takes SQLite's database-wide write lock, which
     serialises writers just as well.
     """
-    return db.session.get_bind().dialect.name == "postgresql"
+    return on_postgresql()
 
 
 def lock_key(name: str) -> int:

@@ -34,7 +34,7 @@ from app.errors import (
     StorageUnavailableError,
     UuidGenerationFailed,
 )
-from app.extensions import advisory_xact_lock, db, execute, has_advisory_locks
+from app.extensions import advisory_xact_lock, db, execute, has_advisory_locks, on_postgresql
 from app.models import ChatSession, RetiredSessionUUID, SessionState
 from app.services import audit
 from app.services.audit import AuditContext
@@ -154,7 +154,7 @@ def count_by_state() -> dict[SessionState, int]:
     its last ANALYZE, which autovacuum repeats after every tenth of the table has changed.
     """
     counts = dict.fromkeys(SessionState, 0)
-    estimate = _estimated_by_state() if has_advisory_locks() else None
+    estimate = _estimated_by_state() if on_postgresql() else None
     if estimate is not None:
         counts.update(estimate)
     else:
@@ -373,7 +373,7 @@ def _mark_seen(session_uuid: uuid.UUID, now: datetime, *, lock: bool) -> bool:
     the row is written every time, which takes the database write lock.
     """
     params = {"session_uuid": session_uuid, "now": now}
-    if lock and not has_advisory_locks():
+    if lock and not on_postgresql():
         return execute(_TOUCH, params).first() is not None
     last_seen = execute(_LAST_SEEN_LOCKED if lock else _LAST_SEEN, params).scalar()
     if last_seen is None:
