@@ -1,15 +1,19 @@
 """Throughput of generate-uuid and validate-uuid against a bare Flask + psycopg2 INSERT endpoint.
 
 The app, the bare endpoint (bench/bare_app.py) and the floors (bench/floor_app.py,
-bench/stack_floor_app.py) are
-served by gunicorn with the same worker count on the same PostgreSQL server, and driven by wrk
-(a C load generator: one written in Python would burn the cores the servers need). The targets
-are alternated round by round. Prints, per endpoint, the median req/s, its ratio to the bare
-endpoint and to the SQLAlchemy floor, p50/p99 latency, and each gunicorn worker's RSS after
-the run (target: generate-uuid and validate-uuid at 0.5 of the bare endpoint or more).
+bench/stack_floor_app.py) are served by gunicorn with the same worker count on the same
+PostgreSQL server, and driven by wrk (a C load generator: one written in Python would burn the
+cores the servers need). The targets are alternated round by round. Prints, per endpoint, the
+median req/s, its ratio to the bare endpoint, to the SQLAlchemy floor and to the design card's
+stack floor (/ card), p50/p99 latency, and each gunicorn worker's RSS after the run (targets:
+generate-uuid and validate-uuid at 0.9 of the card's stack floor or more).
 
     python bench/session_throughput.py [--workers 4] [--threads 2] [--connections 8]
-                                       [--seconds 5] [--rounds 3]
+                                       [--seconds 5] [--rounds 3] [--fill-visits N]
+
+With ``--fill-visits``, the scratch database first gets a year of N visits (bench/volume.py's
+fill: sessions, tombstones and about 23 audit rows each), so the endpoints run on a large
+database instead of an empty one.
 
 Needs wrk (`apt-get install wrk`) and PostgreSQL at BENCH_DATABASE_URL (default
 postgresql://postgres@127.0.0.1:5432/test); a scratch database is created and dropped.
@@ -179,6 +183,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternate the targets this often")
+    parser.add_argument("--fill-visits", type=int, default=0, help="a year of N visits first")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -192,6 +197,15 @@ def main() -> None:
         admin(database_url, "CREATE TABLE bare_hits (id uuid PRIMARY KEY, created_at timestamptz)")
         app_env = {**APP_ENV, "DATABASE_URL": database_url}
         migrate(app_env)
+        if args.fill_visits:
+            from bench.volume import VISIT_EVENTS, fill
+
+            fill(
+                database_url,
+                visits=args.fill_visits,
+                audit_per_visit=len(VISIT_EVENTS),
+                abandoned=0,
+            )
         floors = {"FLOOR_DATABASE_URL": floor_url, "BARE_DSN": database_url}
         with (
             gunicorn_process(
@@ -251,12 +265,14 @@ def report(
     """Print the medians of the rounds, their ratios and the workers' memory."""
     medians = {name: statistics.median(r.rps for r in runs) for name, runs in rounds.items()}
     bare, floor = medians["bare INSERT"], medians["floor: SQLAlchemy"]
+    card = medians["floor: + flask-cors"]
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, "
-        f"{args.workers} gunicorn workers each, {args.rounds} alternated rounds (median)"
+        f"{args.workers} gunicorn workers each, {args.rounds} alternated rounds (median), "
+        f"database: {f'a year of {args.fill_visits:,} visits' if args.fill_visits else 'empty'}"
     )
     print(
-        f"{'endpoint':<28}{'req/s':>9}{'/ bare':>8}{'/ SQLA':>9}"
+        f"{'endpoint':<28}{'req/s':>9}{'/ bare':>8}{'/ SQLA':>9}{'/ card':>9}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}  rounds (req/s)"
     )
     for name, runs in rounds.items():
@@ -268,7 +284,7 @@ def report(
         # wrk's req/s counts every answer: with failures the ratio is not one of 200s.
         warning = "  (not every answer was 2xx: ratio invalid)" if failed else ""
         print(
-            f"{name:<28}{rps:>9.1f}{rps / bare:>8.2f}{rps / floor:>9.2f}"
+            f"{name:<28}{rps:>9.1f}{rps / bare:>8.2f}{rps / floor:>9.2f}{rps / card:>9.2f}"
             f"{p50:>8.2f}{p99:>8.2f}{failed:>8}  {each}{warning}"
         )
     print(
