@@ -132,6 +132,8 @@ FROM generate_series(1, %(abandoned)s) AS g
 
 def visit_settings(smtp_port: int) -> dict[str, str]:
     """The app at its defaults, mail to ``smtp_port``, and limits one address can replay under."""
+    from tests.test_rate_limits import LIMIT_VARIABLES
+
     unreachable = "100000/minute"
     return {
         "MAIL_BACKEND": "smtp",
@@ -140,14 +142,7 @@ def visit_settings(smtp_port: int) -> dict[str, str]:
         "SMTP_STARTTLS": "false",
         "SCHEDULER_ENABLED": "false",
         **dict.fromkeys(
-            (
-                "SESSION_RATE_LIMIT",
-                "RESUME_RATE_LIMIT",
-                "RESUME_IP_RATE_LIMIT",
-                "SESSION_RESOURCE_RATE_LIMIT",
-                "UPLOAD_RATE_LIMIT",
-                "EMAIL_RATE_LIMIT",
-            ),
+            LIMIT_VARIABLES,
             unreachable,
         ),
     }

@@ -21,6 +21,19 @@ down_revision = "0008"
 branch_labels = None
 depends_on = None
 
+# The table as migration 0001 made it, with the primary key and partitioning given.
+_CREATE = """
+CREATE TABLE audit_events (
+    id bigint NOT NULL DEFAULT nextval('audit_events_id_seq'),
+    occurred_at timestamp with time zone NOT NULL,
+    event_type varchar(64) NOT NULL,
+    session_uuid uuid,
+    client_ip varchar(45),
+    correlation_id varchar(36),
+    details jsonb NOT NULL,
+    CONSTRAINT pk_audit_events PRIMARY KEY ({key})
+) {partitioning}
+"""
 _COPY = (
     "INSERT INTO audit_events (id, occurred_at, event_type, session_uuid, client_ip,"
     " correlation_id, details) SELECT id, occurred_at, event_type, session_uuid, client_ip,"
@@ -65,18 +78,7 @@ def _partition_audit_events():
     ):
         op.execute(f"ALTER INDEX {index} RENAME TO {index}_unpartitioned")
     op.execute(
-        """
-        CREATE TABLE audit_events (
-            id bigint NOT NULL DEFAULT nextval('audit_events_id_seq'),
-            occurred_at timestamp with time zone NOT NULL,
-            event_type varchar(64) NOT NULL,
-            session_uuid uuid,
-            client_ip varchar(45),
-            correlation_id varchar(36),
-            details jsonb NOT NULL,
-            CONSTRAINT pk_audit_events PRIMARY KEY (id, occurred_at)
-        ) PARTITION BY RANGE (occurred_at)
-        """
+        _CREATE.format(key="id, occurred_at", partitioning="PARTITION BY RANGE (occurred_at)")
     )
     op.execute("ALTER SEQUENCE audit_events_id_seq OWNED BY audit_events.id")
     op.execute("CREATE TABLE audit_events_default PARTITION OF audit_events DEFAULT")
@@ -119,20 +121,7 @@ def _unpartition_audit_events():
         "ix_audit_events_session_uuid_occurred_at",
     ):
         op.execute(f"ALTER INDEX {index} RENAME TO {index}_partitioned")
-    op.execute(
-        """
-        CREATE TABLE audit_events (
-            id bigint NOT NULL DEFAULT nextval('audit_events_id_seq'),
-            occurred_at timestamp with time zone NOT NULL,
-            event_type varchar(64) NOT NULL,
-            session_uuid uuid,
-            client_ip varchar(45),
-            correlation_id varchar(36),
-            details jsonb NOT NULL,
-            CONSTRAINT pk_audit_events PRIMARY KEY (id)
-        )
-        """
-    )
+    op.execute(_CREATE.format(key="id", partitioning=""))
     op.execute("ALTER SEQUENCE audit_events_id_seq OWNED BY audit_events.id")
     op.execute(_COPY.format(source="audit_events_partitioned"))
     op.execute("DROP TABLE audit_events_partitioned")
