@@ -65,8 +65,10 @@ def test_at_volume_every_job_finishes_and_no_visit_statement_scans_a_large_table
             )
             assert session_uuid is not None
             security_monitor.watch_failed_codes(AuditContext(client_ip="10.1.1.0"), session_uuid)
-            chat_sessions.count_by_state()
             event.remove(db.engine, "before_cursor_execute", capture)
+            # Below COUNT_UP_TO sessions the gauge counts, by design (test_observability.py has
+            # the estimate above it); here it must simply answer.
+            assert sum(chat_sessions.count_by_state().values()) > ABANDONED
 
             purge = jobs.run_abandoned_purge()
             retention = jobs.run_retention()
