@@ -288,9 +288,11 @@ def describe(dsn: str) -> str:
         for table in LARGE_TABLES:
             cursor.execute(
                 "SELECT (SELECT count(*) FROM " + table + "),"  # noqa: S608
-                " pg_size_pretty(sum(pg_total_relation_size(relid)))"
+                # A table that is not partitioned has no partition tree: its own size then.
+                " pg_size_pretty(coalesce(sum(pg_total_relation_size(relid)),"
+                " pg_total_relation_size(%s)))"
                 " FROM pg_partition_tree(%s) WHERE isleaf",
-                (table,),
+                (table, table),
             )
             count, size = cursor.fetchone()
             parts.append(f"{table} {count:,} rows ({size})")
