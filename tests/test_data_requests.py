@@ -60,6 +60,8 @@ ANN = "ann@example.org"
 BOB = "bob@example.org"
 PDF = b"%PDF-1.7 data request test"
 REQUESTS = "/api/v1/data-requests"
+# The times a session's summary gives.
+TIMES = ("created_at", "last_seen_at", "completed_at")
 UUID_SHAPED = re.compile(
     r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}", re.IGNORECASE
 )
@@ -212,14 +214,20 @@ def refused(response: TestResponse, error: str) -> None:
 # --- 1. every session of the address, and nothing else -------------------------------------
 
 
-def test_verify_finds_every_session_of_the_address_in_any_letter_case(
-    app: Flask, client: FlaskClient, inbox: Inbox
-) -> None:
+def two_of_ann_and_one_of_bob(client: FlaskClient, inbox: Inbox) -> tuple[str, str, str]:
+    """Ann's two verified sessions (the first holds cv.pdf) and Bob's (bob-private.pdf)."""
     first = verified_session(client, inbox, ANN)
     upload(client, first)
     second = verified_session(client, inbox, ANN)
     bob = verified_session(client, inbox, BOB)
     upload(client, bob, "bob-private.pdf")
+    return first, second, bob
+
+
+def test_verify_finds_every_session_of_the_address_in_any_letter_case(
+    app: Flask, client: FlaskClient, inbox: Inbox
+) -> None:
+    first, second, bob = two_of_ann_and_one_of_bob(client, inbox)
 
     code = ask_code(app, client, inbox, "Ann@Example.org")
     verified = verify(client, "ANN@example.ORG", code)
@@ -231,13 +239,10 @@ def test_verify_finds_every_session_of_the_address_in_any_letter_case(
     summaries = body["sessions"]
     assert [(s["state"], s["file_count"]) for s in summaries] == [("verified", 1), ("verified", 0)]
     rows = [session_row(app, first), session_row(app, second)]
-    assert [datetime.fromisoformat(s["created_at"]) for s in summaries] == [
-        row.created_at for row in rows if row is not None
-    ]
     for summary, row in zip(summaries, rows, strict=True):
         assert row is not None
-        assert datetime.fromisoformat(summary["last_seen_at"]) == row.last_seen_at
-        assert datetime.fromisoformat(summary["completed_at"]) == row.completed_at
+        times = [datetime.fromisoformat(summary[name]) for name in TIMES]
+        assert times == [row.created_at, row.last_seen_at, row.completed_at]
     # No session UUID in the answer, in any spelling, nor in the token.
     assert UUID_SHAPED.search(verified.get_data(as_text=True)) is None
     token = body["token"]
@@ -254,11 +259,7 @@ def test_verify_finds_every_session_of_the_address_in_any_letter_case(
 def test_export_holds_exactly_the_sessions_of_the_address(
     app: Flask, client: FlaskClient, inbox: Inbox
 ) -> None:
-    first = verified_session(client, inbox, ANN)
-    upload(client, first)
-    second = verified_session(client, inbox, ANN)
-    bob = verified_session(client, inbox, BOB)
-    upload(client, bob, "bob-private.pdf")
+    first, second, bob = two_of_ann_and_one_of_bob(client, inbox)
     token = token_for(app, client, inbox, "Ann@Example.org")
 
     exported = export(client, token)
