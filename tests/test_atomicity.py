@@ -33,12 +33,19 @@ from tests.conftest import (
 ADDRESS = "user@example.org"
 
 
+# A trigger on the partitioned audit_events is made and dropped on every partition, one after
+# another; locking the whole table first takes the locks in the order a reader does (the table,
+# then its partitions), so the app's requests and alert threads wait instead of deadlocking.
+LOCK_AUDIT_EVENTS = "LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE"
+
+
 @contextmanager
 def audit_refused(app: Flask, event_type: str) -> Iterator[None]:
     """The database refuses audit rows of ``event_type`` until the block ends."""
     with app.app_context():
         if db.engine.dialect.name == "postgresql":
             statements = [
+                LOCK_AUDIT_EVENTS,
                 "CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
                 "IF NEW.event_type = TG_ARGV[0] THEN RAISE EXCEPTION 'audit refused'; END IF; "
                 "RETURN NEW; END $$ LANGUAGE plpgsql",
@@ -58,8 +65,11 @@ def audit_refused(app: Flask, event_type: str) -> Iterator[None]:
         yield
     finally:
         with app.app_context():
-            on = " ON audit_events" if db.engine.dialect.name == "postgresql" else ""
-            db.session.execute(text(f"DROP TRIGGER refuse_audit{on}"))
+            if db.engine.dialect.name == "postgresql":
+                db.session.execute(text(LOCK_AUDIT_EVENTS))
+                db.session.execute(text("DROP TRIGGER refuse_audit ON audit_events"))
+            else:
+                db.session.execute(text("DROP TRIGGER refuse_audit"))
             db.session.commit()
 
 
