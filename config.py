@@ -336,6 +336,21 @@ class Config:
             lock_timeout_ms=self.DATABASE_LOCK_TIMEOUT_MS,
             connect_timeout_s=self.DATABASE_CONNECT_TIMEOUT_SECONDS,
         )
+        # A second pool on the same database whose connections commit every statement as it
+        # runs: a request that is one statement then needs no BEGIN and no COMMIT round trip.
+        # A pool of its own, because switching a pooled connection to autocommit and back
+        # costs a round trip each time it is returned (docs/decisions.md, "Statements alone").
+        self.SQLALCHEMY_BINDS = (
+            {
+                AUTOCOMMIT_BIND: {
+                    **self.SQLALCHEMY_ENGINE_OPTIONS,
+                    "url": self.SQLALCHEMY_DATABASE_URI,
+                    "isolation_level": "AUTOCOMMIT",
+                }
+            }
+            if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql")
+            else {}
+        )
         self.OPENAPI_VERSION = "3.1.0"
         self.OPENAPI_URL_PREFIX = "/api/v1"
         self.OPENAPI_JSON_PATH = "openapi.json"
@@ -365,6 +380,10 @@ def _parse_problems(env: environs.Env, environ: Mapping[str, str]) -> list[str]:
             problems.append(f"{name}: {' '.join(dict.fromkeys(messages))}{quoted}")
         return problems
     return []
+
+
+# The SQLAlchemy bind (engine) whose connections run each statement in its own transaction.
+AUTOCOMMIT_BIND = "autocommit"
 
 
 def normalise_database_url(url: str) -> str:

@@ -8,11 +8,10 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app import cli, db_deadline, http_errors, jobs, metrics, middleware, scheduler
-from app.extensions import api, cors, db, limiter, migrate
+from app import cli, db_deadline, http_errors, jobs, metrics, middleware, rate_limits, scheduler
+from app.extensions import api, cors, db, migrate
 from app.logging_setup import configure_logging
 from app.mail import transports
-from app.rate_limits import bound_storage_calls
 from app.routes.data_requests import data_requests_bp
 from app.routes.docs import docs_blueprint
 from app.routes.email_verification import email_verification_bp
@@ -57,8 +56,7 @@ def _init_extensions(app: Flask) -> None:
             statement_timeout=app.config["DATABASE_STATEMENT_TIMEOUT_MS"] / 1000,
         )
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, compare_type=True)
-    bound_storage_calls(app.config)
-    limiter.init_app(app)
+    rate_limits.init_app(app)
     cors.init_app(
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},

@@ -14,6 +14,7 @@ from sqlalchemy.orm import DeclarativeBase
 
 from app.privacy import client_key
 from app.schemas import ErrorSchema
+from config import AUTOCOMMIT_BIND
 
 # Stable constraint names let Alembic alter or drop them on every backend.
 NAMING_CONVENTION = {
@@ -56,6 +57,16 @@ def execute(statement: Executable, params: Any = None) -> CursorResult[Any]:
     return db.session.connection().execute(statement, params)
 
 
+def scalar_alone(statement: Executable, params: Any) -> Any:
+    """Run one statement in a transaction of its own, on PostgreSQL, and return its scalar.
+
+    The statement commits as it ends (one round trip, no BEGIN or COMMIT), outside the
+    current session's transaction: use it for a change that one statement makes whole.
+    """
+    with db.engines[AUTOCOMMIT_BIND].connect() as connection:
+        return connection.execute(statement, params).scalar()
+
+
 def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:
     """An INSERT for ``model`` that accepts ON CONFLICT clauses on the database in use."""
     if db.session.get_bind().dialect.name == "postgresql":
@@ -65,7 +76,8 @@ def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:
 
 def on_postgresql() -> bool:
     """Whether the database in use is PostgreSQL (else SQLite, the embedded default)."""
-    return db.session.get_bind().dialect.name == "postgresql"
+    # The engine, not the session: asking the session would create one where none is needed.
+    return db.engine.dialect.name == "postgresql"
 
 
 def has_advisory_locks() -> bool:

@@ -15,11 +15,13 @@ first scrape and an alert on it can be written for a fresh deployment.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from flask import Flask, current_app
 from prometheus_client import (
@@ -95,10 +97,21 @@ RATE_LIMIT_REFUSALS = Counter(
 
 def observe_request(method: str, route: str | None, status: int, seconds: float) -> None:
     """Count one answered request and its duration."""
+    count, duration = _request_series(method, route, status)
+    count.inc()
+    duration.observe(seconds)
+
+
+# Finding a labelled series costs more than counting into it; the set of (method, route,
+# status) is small and fixed by the routes, so each is looked up once per process.
+@functools.lru_cache(maxsize=1024)
+def _request_series(method: str, route: str | None, status: int) -> tuple[Any, Any]:
     method = method if method in _METHODS else "other"
     route = route or "unmatched"
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_DURATION.labels(method, route).observe(seconds)
+    return (
+        HTTP_REQUESTS.labels(method, route, str(status)),
+        HTTP_DURATION.labels(method, route),
+    )
 
 
 def observe_job(

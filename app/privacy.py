@@ -18,6 +18,8 @@ IPV6_SUBSCRIBER_PREFIX = 64
 
 # Every request asks this of its client address, and clients repeat: parse each address once.
 @functools.lru_cache(maxsize=4096)
+# Clients repeat: each address is reduced once per process.
+@functools.lru_cache(maxsize=4096)
 def truncate_ip(address: str | None) -> str | None:
     """The network part of an IP address, or None if it is not one."""
     if not address:
@@ -50,7 +52,7 @@ def keyed_hash(purpose: str, value: str) -> str:
     without the key, hashing a list of likely values recovers nothing.
     """
     key = current_app.config["SECRET_KEY"].encode()
-    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, f"{purpose}:{value}".encode(), "sha256").hex()
 
 
 def client_key() -> str:

@@ -23,12 +23,13 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import limits
-from flask import current_app, request
-from limits.strategies import RateLimiter
+from flask import Flask, current_app, request
+from limits.strategies import STRATEGIES, RateLimiter
 from werkzeug.exceptions import HTTPException
 
 from app.errors import RateLimited
 from app.extensions import limiter
+from app.memory_counters import MemoryCounters
 from app.privacy import client_key, keyed_hash
 from app.redis_connection import bounded_options
 from app.services.chat_sessions import parse_uuid4
@@ -88,13 +89,13 @@ class NewSessionBudget:
 
 
 # flask-limiter offers no public way to say "the storage failed" or "wait before trying it again",
-# so these two functions, and nothing else, reach into its state: the flag its own fallback sets
-# (its ``limiter`` property then answers with the in-memory limiter, and its requests check the
-# storage again with back-off), and the time of its last look at the storage, which that
-# back-off counts from. Without restarting that clock, a process whose storage failed after a
-# long healthy spell would try it again on the very next request and pay a second timeout.
-# flask-limiter sets its flag itself when a route limit fails, but never restarts the clock, so
-# every Redis connection restarts it on failure, whichever limit met the failure.
+# so these two functions reach into its state (as ``init_app`` does into its fallback): the flag
+# its own fallback sets (its ``limiter`` property then answers with the in-memory limiter, and
+# its requests check the storage again with back-off), and the time of its last look at the
+# storage, which that back-off counts from. Without restarting that clock, a process whose storage
+# failed after a long healthy spell would try it again on the very next request and pay a second
+# timeout. flask-limiter sets its flag itself when a route limit fails, but never restarts the
+# clock, so every Redis connection restarts it on failure, whichever limit met the failure.
 def _count_in_memory_for_a_while() -> None:
     """Switch every limit of the process to in-memory counting until Redis answers again."""
     limiter._storage_dead = True
@@ -106,8 +107,18 @@ def _wait_before_trying_storage_again() -> None:
     limiter._Limiter__last_check_backend = time.time()  # type: ignore[attr-defined]
 
 
-def bound_storage_calls(config: MutableMapping[str, Any]) -> None:
-    """Bound every call to a Redis counter storage as a whole; call before ``limiter.init_app``."""
+def init_app(app: Flask) -> None:
+    """Bind flask-limiter: Redis calls bounded as a whole, in-memory counts in MemoryCounters."""
+    _bound_storage_calls(app.config)
+    limiter.init_app(app)
+    # flask-limiter builds its fallback from limits' MemoryStorage by name, not by scheme, and
+    # has no public way to give it another storage.
+    if limiter._fallback_limiter is not None:
+        limiter._fallback_limiter = STRATEGIES[app.config["RATELIMIT_STRATEGY"]](MemoryCounters())
+
+
+def _bound_storage_calls(config: MutableMapping[str, Any]) -> None:
+    """Bound every call to a Redis counter storage as a whole; before ``limiter.init_app``."""
     uri = config["RATELIMIT_STORAGE_URI"]
     if uri.startswith(("redis://", "rediss://")):
         config["RATELIMIT_STORAGE_OPTIONS"] = {

@@ -316,11 +316,13 @@ def run_items(
 
         def close_connections() -> None:
             with app.app_context():
-                db.engine.dispose()
+                for engine in db.engines.values():
+                    engine.dispose()
 
         probe = Probe(dsn, close_connections)
         with app.app_context():
-            event.listen(db.engine, "before_cursor_execute", probe.count)
+            for engine in db.engines.values():
+                event.listen(engine, "before_cursor_execute", probe.count)
         client = app.test_client()
 
         def item(name: str, per: str, count: int, run: Callable[[], object]) -> None:

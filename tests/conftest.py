@@ -167,7 +167,8 @@ def _close_connection_pools() -> Iterator[None]:
     yield
     while _built_apps:
         with _built_apps.pop().app_context():
-            db.engine.dispose()
+            for engine in db.engines.values():
+                engine.dispose()
 
 
 def build_app(database_url: str, **overrides: str) -> Flask:

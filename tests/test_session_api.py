@@ -9,13 +9,21 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import event as sqlalchemy_events
 from sqlalchemy import text, update
 
 from app.clock import utcnow
 from app.extensions import db
 from app.models import ChatSession, RetiredSessionUUID, RetirementReason, SessionState
 from app.services import chat_sessions
-from tests.conftest import GENERAL_ERROR, JSON_HEADERS, SESSION_RESET, audit_rows, session_row
+from tests.conftest import (
+    GENERAL_ERROR,
+    JSON_HEADERS,
+    SESSION_RESET,
+    audit_rows,
+    build_app,
+    session_row,
+)
 
 
 def post(client: FlaskClient, path: str, body: object | None = None, **headers: str):
@@ -165,6 +173,34 @@ def test_a_session_seen_again_within_minutes_is_not_rewritten(
     assert row_version(app, issued) == before
     reported = datetime.fromisoformat(overview.get_json()["last_seen_at"])
     assert abs(reported - datetime.now(UTC)) < timedelta(seconds=5), "this call is the sighting"
+
+
+def test_a_new_session_and_a_resume_are_one_autocommitted_statement_each(
+    postgres_url: str,
+) -> None:
+    """On PostgreSQL the commonest requests cost one round trip: no BEGIN, no COMMIT."""
+    app = build_app(postgres_url)
+    client = app.test_client()
+    sent: list[tuple[str, bool]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        sent.append((statement.split(" AS", 1)[0], cursor.connection.autocommit))
+
+    with app.app_context():
+        engines = list(db.engines.values())
+    for engine in engines:
+        sqlalchemy_events.listen(engine, "before_cursor_execute", capture)
+    try:
+        issued = register(client)
+        generated, sent[:] = list(sent), []
+        assert post(client, "validate-uuid", {"uuid": issued}).status_code == 200
+    finally:
+        for engine in engines:
+            sqlalchemy_events.remove(engine, "before_cursor_execute", capture)
+
+    assert generated == [("WITH claimed", True)]
+    assert sent == [("WITH seen", True)]
+    assert [row.event_type for row in audit_rows(app)] == ["uuid_generated", "uuid_validated"]
 
 
 def test_validate_registers_an_unknown_v4_uuid(app: Flask, client: FlaskClient) -> None:

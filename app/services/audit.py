@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import BindParameter, Insert, Select, Table, bindparam, insert, select
 
 from app.clock import utcnow
-from app.extensions import db
+from app.extensions import db, execute
 from app.models import AuditEvent
 
 
@@ -43,26 +44,68 @@ def record_many(
     context: AuditContext,
     events: Sequence[tuple[uuid.UUID | None, Mapping[str, object]]],
 ) -> None:
-    """Add one audit row per (session UUID, details) pair, in a single statement."""
+    """Add one audit row per (session UUID, details) pair, in a single statement.
+
+    Through the connection: the rows are plain table rows, and the ORM's bulk-insert path would
+    cost more than the INSERT itself. A single row goes as one set of parameters, not a batch.
+    """
     occurred_at = utcnow()
-    db.session.execute(
-        _INSERT,
-        [
-            {
-                "occurred_at": occurred_at,
-                "event_type": event_type,
-                "session_uuid": session_uuid,
-                "client_ip": context.client_ip,
-                "correlation_id": context.correlation_id,
-                "details": details,
-            }
-            for session_uuid, details in events
-        ],
+    rows = [
+        {"session_uuid": session_uuid, **_values(event_type, context, occurred_at, details)}
+        for session_uuid, details in events
+    ]
+    if not rows:
+        return
+    execute(_INSERT, rows[0] if len(rows) == 1 else rows)
+
+
+def bound_values(
+    event_type: str, context: AuditContext, occurred_at: datetime, **details: Any
+) -> dict[str, Any]:
+    """The parameters of ``insert_for_each``: an audit row's values but its session UUID."""
+    values = _values(event_type, context, occurred_at, details)
+    return {f"audit_{column}": value for column, value in values.items()}
+
+
+def _values(
+    event_type: str, context: AuditContext, occurred_at: datetime, details: Mapping[str, object]
+) -> dict[str, Any]:
+    return {
+        "occurred_at": occurred_at,
+        "event_type": event_type,
+        "client_ip": context.client_ip,
+        "correlation_id": context.correlation_id,
+        "details": details,
+    }
+
+
+def insert_for_each(sessions: Select[tuple[uuid.UUID]]) -> Insert:
+    """An INSERT of one audit row per session UUID that ``sessions`` selects.
+
+    For a statement that writes a change and its audit rows at once (a data-modifying CTE, on
+    PostgreSQL); the other values are bound parameters, given by ``bound_values``. Their names
+    carry a prefix, so that they never meet a parameter of the change they are written with.
+    """
+    source = sessions.subquery()
+    values = select(
+        _bound("occurred_at"),
+        _bound("event_type"),
+        *source.c,
+        _bound("client_ip"),
+        _bound("correlation_id"),
+        _bound("details"),
     )
+    columns = ["occurred_at", "event_type", "session_uuid", "client_ip", "correlation_id"]
+    return insert(_TABLE).from_select([*columns, "details"], values)
 
 
+def _bound(column: str) -> BindParameter[Any]:
+    return bindparam(f"audit_{column}", type_=_TABLE.c[column].type)
+
+
+_TABLE = cast(Table, AuditEvent.__table__)
 # Built once: building an INSERT costs more than running it.
-_INSERT = insert(cast(Table, AuditEvent.__table__))
+_INSERT = insert(_TABLE)
 
 
 def trail(session_uuid: uuid.UUID) -> list[AuditEvent]:

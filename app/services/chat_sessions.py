@@ -20,12 +20,14 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql.selectable import CTE, Select
 
 from app.clock import utcnow
 from app.errors import (
@@ -34,7 +36,14 @@ from app.errors import (
     StorageUnavailableError,
     UuidGenerationFailed,
 )
-from app.extensions import advisory_xact_lock, db, execute, has_advisory_locks, on_postgresql
+from app.extensions import (
+    advisory_xact_lock,
+    db,
+    execute,
+    has_advisory_locks,
+    on_postgresql,
+    scalar_alone,
+)
 from app.models import ChatSession, RetiredSessionUUID, SessionState
 from app.services import audit
 from app.services.audit import AuditContext
@@ -92,7 +101,7 @@ class SessionBudget(Protocol):
 def generate(context: AuditContext, budget: SessionBudget) -> uuid.UUID:
     """Issue a fresh UUID registered as a pending session."""
     budget.spend()
-    session_uuid = _issue_fresh_uuid(context)
+    session_uuid = _issue_fresh_uuid(context, alone=True)
     db.session.commit()
     return session_uuid
 
@@ -108,9 +117,11 @@ def validate(raw: str, context: AuditContext, budget: SessionBudget) -> Validati
         db.session.commit()
         return ValidationResult(Verdict.INVALID, None)
 
+    if on_postgresql() and _resumed_and_audited(session_uuid, context):
+        return ValidationResult(Verdict.SUCCESS, session_uuid)
     claim = _resume_or_register(session_uuid, context, budget)
     if claim is _Claim.ENDED:
-        replacement = _issue_fresh_uuid(context)
+        replacement = _issue_fresh_uuid(context, alone=False)
         audit.record("uuid_collision", context, session_uuid, replacement=str(replacement))
         db.session.commit()
         return ValidationResult(Verdict.COLLISION, replacement, registered=True)
@@ -264,16 +275,17 @@ def normalise_email(email: str | None) -> str | None:
         raise InvalidRequest(details={"email": [str(exc)]}) from exc
 
 
-def _issue_fresh_uuid(context: AuditContext) -> uuid.UUID:
+def _issue_fresh_uuid(context: AuditContext, *, alone: bool) -> uuid.UUID:
     """Register a new random UUID, retrying on collision; audits every attempt.
+
+    With ``alone``, the claim commits by itself; else it joins the caller's transaction.
 
     No re-check after the claim (unlike a client-supplied UUID): a random UUID
     that wins its insert was not live, so no erasure of it can be in flight.
     """
     for attempt in range(1, GENERATION_ATTEMPTS + 1):
         candidate = uuid4()
-        if _claim(candidate, utcnow(), context.client_ip):
-            audit.record("uuid_generated", context, candidate, attempt=attempt)
+        if _claimed_and_audited(candidate, context, attempt, alone=alone):
             return candidate
         audit.record("uuid_generation_collision", context, attempt=attempt)
     audit.record("uuid_generation_failed", context, attempts=GENERATION_ATTEMPTS)
@@ -366,6 +378,40 @@ _CLAIM = {
 }
 
 
+def _audited(change: CTE) -> Select[int]:
+    """The count of audit rows written for the session UUIDs that the CTE ``change`` returns."""
+    rows = audit.insert_for_each(select(change.c.uuid)).returning(literal(1)).cte("audited")
+    return select(func.count()).select_from(rows)
+
+
+# Statements that write a change and its audit row in one round trip: the commonest requests
+# (a generated UUID, a resume) cost one statement instead of two. PostgreSQL only: SQLite has
+# no data-modifying CTEs.
+_CLAIM_AUDITED = _audited(_CLAIM["postgresql"].cte("claimed"))
+_SEEN = (
+    select(_SESSIONS.c.uuid, _SESSIONS.c.last_seen_at)
+    .where(_SESSIONS.c.uuid == bindparam("session_uuid"))
+    .cte("seen")
+)
+_TOUCHED = (
+    update(_SESSIONS)
+    .where(
+        _SESSIONS.c.uuid == bindparam("session_uuid"),
+        _SESSIONS.c.last_seen_at <= bindparam("stale_before"),
+    )
+    .values(last_seen_at=bindparam("now"))
+    .returning(_SESSIONS.c.uuid)
+    .cte("touched")
+)
+# A fresh session is audited as it is; a stale one only if its touch found the row, so that a
+# session erased while the statement ran is neither audited nor reported resumed.
+_RESUME_AUDITED = _audited(
+    select(_SEEN.c.uuid)
+    .where(or_(_SEEN.c.last_seen_at > bindparam("stale_before"), exists(select(_TOUCHED.c.uuid))))
+    .cte("resumed")
+)
+
+
 def _mark_seen(session_uuid: uuid.UUID, now: datetime, *, lock: bool) -> bool:
     """Mark a live session as seen (written only once per TOUCH_EVERY); False if there is none.
 
@@ -382,6 +428,47 @@ def _mark_seen(session_uuid: uuid.UUID, now: datetime, *, lock: bool) -> bool:
         return True
     # None if an erasure deleted the row after it was read: the session has just ended.
     return execute(_TOUCH, params).first() is not None
+
+
+def _claimed_and_audited(
+    session_uuid: uuid.UUID, context: AuditContext, attempt: int, *, alone: bool
+) -> bool:
+    """Claim a generated UUID and audit it; False, with nothing written, if it was taken.
+
+    On PostgreSQL both rows are written by one statement, committed by itself with ``alone``.
+    """
+    now = utcnow()
+    if on_postgresql():
+        params = {
+            "session_uuid": session_uuid,
+            "now": now,
+            "client_ip": context.client_ip,
+            **audit.bound_values("uuid_generated", context, now, attempt=attempt),
+        }
+        if alone:
+            return bool(scalar_alone(_CLAIM_AUDITED, params))
+        return bool(execute(_CLAIM_AUDITED, params).scalar())
+    if not _claim(session_uuid, now, context.client_ip):
+        return False
+    audit.record("uuid_generated", context, session_uuid, attempt=attempt)
+    return True
+
+
+def _resumed_and_audited(session_uuid: uuid.UUID, context: AuditContext) -> bool:
+    """Resume a live session on PostgreSQL in one statement, committed by itself: audited,
+    and touched if stale.
+
+    False, with nothing written, if the session is not live or ended while the statement ran;
+    the caller then takes the general path.
+    """
+    now = utcnow()
+    params = {
+        "session_uuid": session_uuid,
+        "now": now,
+        "stale_before": now - TOUCH_EVERY,
+        **audit.bound_values("uuid_validated", context, now),
+    }
+    return bool(scalar_alone(_RESUME_AUDITED, params))
 
 
 def _claim(session_uuid: uuid.UUID, now: datetime, client_ip: str | None) -> bool:
