@@ -5,11 +5,13 @@
   spends it at the moment it is about to create a session, so a resume never touches it.
 - **validate-uuid** is limited per session it names (``RESUME_RATE_LIMIT``) and, with a
   generous ceiling for many users behind one address, per client IP (``RESUME_IP_RATE_LIMIT``).
+  The service spends both before it judges the UUID: the commonest request of all pays for
+  two counts, not for flask-limiter's evaluation of two route limits.
 - Every other limited endpoint has its own budget per client IP (``limited_per_ip``).
 
 Counters live in flask-limiter's storage (Redis when configured), keyed the way it keys its own.
 Every Redis call is bounded as a whole (app.redis_connection); after a failure the whole process,
-the new-session budget included, counts in memory until flask-limiter finds Redis answering
+the service's budgets included, counts in memory until flask-limiter finds Redis answering
 again. docs/decisions.md ("Rate limits", "One deadline per request") gives the reasoning.
 """
 
@@ -23,9 +25,8 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import limits
-from flask import Flask, current_app, request
+from flask import Flask, current_app
 from limits.strategies import STRATEGIES, RateLimiter
-from werkzeug.exceptions import HTTPException
 
 from app.errors import RateLimited
 from app.extensions import limiter
@@ -37,6 +38,7 @@ from app.services.chat_sessions import parse_uuid4
 log = logging.getLogger(__name__)
 
 NEW_SESSION_SCOPE = "new-session"
+RESUME_SCOPE = "resume"
 
 RouteDecorator = Callable[[Callable[..., Any]], Any]
 
@@ -52,16 +54,20 @@ def _parsed(limit_text: str) -> list[limits.RateLimitItem]:
     return sorted(limits.parse_many(limit_text), key=lambda item: item.get_expiry())
 
 
-class NewSessionBudget:
-    """One client's allowance of new sessions, spent by the service just before it creates one."""
+class Budget:
+    """An allowance under the limit string ``app.config[setting]``, spent by the service as it acts.
 
-    def __init__(self, client: str) -> None:
+    Counted in flask-limiter's storage under ``identifiers`` (after the key prefix), the way
+    flask-limiter counts its own limits.
+    """
+
+    def __init__(self, setting: str, *identifiers: str) -> None:
         prefix = current_app.config["RATELIMIT_KEY_PREFIX"]
-        self._identifiers = [prefix, client, NEW_SESSION_SCOPE] if prefix else [client]
-        self._limit_text = current_app.config["SESSION_RATE_LIMIT"]
+        self._identifiers = [prefix, *identifiers] if prefix else list(identifiers)
+        self._limit_text = current_app.config[setting]
 
     def spend(self) -> None:
-        """Count one new session; RateLimited if the budget was already used up.
+        """Count one use; RateLimited if the budget was already used up.
 
         If the shared counters fail, the process counts in memory from then on, as flask-limiter
         does for the route limits, until it finds the storage answering again: a limit is no
@@ -72,7 +78,7 @@ class NewSessionBudget:
         except RateLimited:
             raise
         except Exception:
-            log.warning("rate-limit storage unavailable: counting new sessions in memory")
+            log.warning("rate-limit storage unavailable: counting in memory")
             _count_in_memory_for_a_while()
             self._count(limiter.limiter)
 
@@ -127,46 +133,46 @@ def _bound_storage_calls(config: MutableMapping[str, Any]) -> None:
         }
 
 
-def new_session_budget() -> NewSessionBudget:
-    """The budget of the client making the current request."""
-    return NewSessionBudget(client_key())
+class Budgets:
+    """Several allowances spent together; the first refusal stops the count."""
+
+    def __init__(self, *budgets: Budget) -> None:
+        self._budgets = budgets
+
+    def spend(self) -> None:
+        for budget in self._budgets:
+            budget.spend()
 
 
-def _session_named_in_body() -> str:
-    """The per-session key of a validate-uuid request: a keyed hash of the UUID it names.
+def new_session_budget() -> Budget:
+    """The new-session budget of the client making the current request."""
+    return Budget("SESSION_RATE_LIMIT", client_key(), NEW_SESSION_SCOPE)
+
+
+def resume_budget(named: str) -> Budgets:
+    """validate-uuid's budgets: per session named in ``named``, and a ceiling per client.
 
     The UUID is the session's credential, so the counter's key holds only a keyed hash of it.
     A body that names no UUID v4 counts against its client address instead: every invalid
     verdict is audited, so invalid UUIDs share one budget rather than one each.
     """
-    try:
-        body = request.get_json(silent=True)
-    except HTTPException:
-        # A body too large to read: the view answers 413. Raising here would make the limiter
-        # take its storage for dead and count in process memory for a while.
-        body = None
-    named = body.get("uuid") if isinstance(body, dict) else None
-    session_uuid = parse_uuid4(named) if isinstance(named, str) else None
+    client = client_key()
+    session_uuid = parse_uuid4(named)
     if session_uuid is None:
-        return f"no-session:{client_key()}"
-    return f"session:{keyed_hash('resume-limit', str(session_uuid))[:32]}"
+        session = f"no-session:{client}"
+    else:
+        session = f"session:{keyed_hash('resume-limit', str(session_uuid))[:32]}"
+    return Budgets(
+        Budget("RESUME_RATE_LIMIT", session, RESUME_SCOPE),
+        Budget("RESUME_IP_RATE_LIMIT", client, RESUME_SCOPE),
+    )
 
 
-# The two decorator factories below run once, when the routes are imported, before a mutation
-# test can switch anything on: `make mutate` leaves them alone, and the limits they set are
-# exercised through the routes (tests/test_rate_limits.py).
+# The decorator factory below runs once, when the routes are imported, before a mutation test can
+# switch anything on: `make mutate` leaves it alone, and the limits it sets are exercised through
+# the routes (tests/test_rate_limits.py).
 def limited_per_ip(config_key: str) -> RouteDecorator:  # pragma: no mutate block
     """Limit a route per client IP by the limit string in ``app.config[config_key]``."""
     # CORS preflights never meet the limit: Flask answers OPTIONS without calling the view, and
     # flask-limiter checks a route's own limits in the view's decorator.
     return limiter.limit(lambda: str(current_app.config[config_key]))
-
-
-def limited_as_resume(view: Callable[..., Any]) -> Any:  # pragma: no mutate block
-    """validate-uuid's limits: per session named, and a ceiling per client IP."""
-    per_ip = limited_per_ip("RESUME_IP_RATE_LIMIT")
-    per_session = limiter.limit(
-        lambda: str(current_app.config["RESUME_RATE_LIMIT"]),
-        key_func=_session_named_in_body,
-    )
-    return per_ip(per_session(view))

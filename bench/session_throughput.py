@@ -5,8 +5,9 @@ bench/stack_floor_app.py) are served by gunicorn with the same worker count on t
 PostgreSQL server, and driven by wrk (a C load generator: one written in Python would burn the
 cores the servers need). The targets are alternated round by round. Prints, per endpoint, the
 median req/s, its ratio to the bare endpoint, to the SQLAlchemy floor and to the design card's
-stack floor (/ card), p50/p99 latency, and each gunicorn worker's RSS after the run (targets:
-generate-uuid and validate-uuid at 0.9 of the card's stack floor or more).
+stack floor (/ card; each ratio the median of the round-by-round ratios), p50/p99 latency, and
+each gunicorn worker's RSS after the run (targets: generate-uuid and validate-uuid at 0.9 of the
+card's stack floor or more).
 
     python bench/session_throughput.py [--workers 4] [--threads 2] [--connections 8]
                                        [--seconds 5] [--rounds 3] [--fill-visits N]
@@ -262,10 +263,18 @@ def main() -> None:
 def report(
     args: argparse.Namespace, rounds: dict[str, list[Round]], rss: dict[str, list[float]]
 ) -> None:
-    """Print the medians of the rounds, their ratios and the workers' memory."""
+    """Print the medians of the rounds, their ratios and the workers' memory.
+
+    Each ratio is the median of the round-by-round ratios: the targets of one round run within
+    seconds of each other, so a machine that is slower in one round than in another (other
+    tenants' load) slows both sides of a round's ratio alike.
+    """
     medians = {name: statistics.median(r.rps for r in runs) for name, runs in rounds.items()}
-    bare, floor = medians["bare INSERT"], medians["floor: SQLAlchemy"]
-    card = medians["floor: + flask-cors"]
+
+    def ratio(name: str, base: str) -> float:
+        pairs = zip(rounds[name], rounds[base], strict=True)
+        return statistics.median(mine.rps / theirs.rps for mine, theirs in pairs)
+
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, "
         f"{args.workers} gunicorn workers each, {args.rounds} alternated rounds (median), "
@@ -276,7 +285,6 @@ def report(
         f"{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}  rounds (req/s)"
     )
     for name, runs in rounds.items():
-        rps = medians[name]
         p50 = statistics.median(r.p50_ms for r in runs)
         p99 = statistics.median(r.p99_ms for r in runs)
         each = " ".join(f"{r.rps:.0f}" for r in runs)
@@ -284,7 +292,8 @@ def report(
         # wrk's req/s counts every answer: with failures the ratio is not one of 200s.
         warning = "  (not every answer was 2xx: ratio invalid)" if failed else ""
         print(
-            f"{name:<28}{rps:>9.1f}{rps / bare:>8.2f}{rps / floor:>9.2f}{rps / card:>9.2f}"
+            f"{name:<28}{medians[name]:>9.1f}{ratio(name, 'bare INSERT'):>8.2f}"
+            f"{ratio(name, 'floor: SQLAlchemy'):>9.2f}{ratio(name, 'floor: + flask-cors'):>9.2f}"
             f"{p50:>8.2f}{p99:>8.2f}{failed:>8}  {each}{warning}"
         )
     print(

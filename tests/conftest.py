@@ -27,7 +27,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from flask_migrate import upgrade
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import make_url
 
 from app import create_app
@@ -224,6 +224,14 @@ def audit_rows(app: Flask, event_type: str | None = None) -> list[AuditEvent]:
 def session_row(app: Flask, session_uuid: str | uuid.UUID) -> ChatSession | None:
     with app.app_context():
         return db.session.get(ChatSession, uuid.UUID(str(session_uuid)))
+
+
+def set_session_columns(app: Flask, session_uuid: str | uuid.UUID, **values: object) -> None:
+    """Write ``values`` straight into a session's row, as time or another process would."""
+    with app.app_context():
+        row = ChatSession.uuid == uuid.UUID(str(session_uuid))
+        db.session.execute(update(ChatSession).where(row).values(values))
+        db.session.commit()
 
 
 @pytest.fixture(scope="session")

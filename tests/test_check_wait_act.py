@@ -13,9 +13,12 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+import psycopg2
 import pytest
 from flask import Flask
 from sqlalchemy import update
@@ -24,9 +27,16 @@ from app import jobs
 from app.clock import utcnow
 from app.extensions import db, lock_key
 from app.models import ChatSession
-from tests.conftest import JSON_HEADERS, audit_rows, build_app, s3_env, session_row
+from tests.conftest import (
+    JSON_HEADERS,
+    audit_rows,
+    build_app,
+    s3_env,
+    session_row,
+    set_session_columns,
+)
 from tests.s3_proxy import S3Proxy
-from tests.test_locks import eventually, waiting_for_advisory_lock
+from tests.test_locks import dsn, eventually, waiting_for_advisory_lock
 
 PDF = b"%PDF-1.7\n%%EOF\n"
 
@@ -199,3 +209,55 @@ def test_a_purge_that_waited_spares_a_session_that_became_active(
         f"uploads/{session_uuid}/kept.pdf",
         f"uploads/{session_uuid}/late.pdf",
     ]
+
+
+def waiting_for_a_row_lock(url: str) -> bool:
+    """Whether some connection waits for a row lock (a transaction id) of another."""
+    with closing(psycopg2.connect(dsn(url))) as connection:
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+        )
+        return bool(cursor.fetchone()[0])
+
+
+def test_a_resume_that_waited_for_an_erasure_is_not_audited_and_replaces_the_session(
+    postgres_url: str,
+) -> None:
+    """The one-statement resume decided "stale, touch it" before the erasure's lock; after the
+    wait its touch finds no row, so it audits nothing, and the general path answers collision."""
+    app = build_app(postgres_url)
+    client = app.test_client()
+    session_uuid = client.post("/api/v1/generate-uuid").get_json()["uuid"]
+    set_session_columns(app, session_uuid, last_seen_at=utcnow() - timedelta(hours=1))
+
+    eraser = psycopg2.connect(dsn(postgres_url))
+    answers: list[dict[str, Any]] = []
+    try:
+        cursor = eraser.cursor()
+        cursor.execute("DELETE FROM chat_sessions WHERE uuid = %s", (session_uuid,))
+        cursor.execute(
+            "INSERT INTO retired_session_uuids (uuid, retired_at, reason)"
+            " VALUES (%s, now(), 'deleted')",
+            (session_uuid,),
+        )
+        resume = threading.Thread(
+            target=lambda: answers.append(
+                app.test_client()
+                .post("/api/v1/validate-uuid", json={"uuid": session_uuid}, headers=JSON_HEADERS)
+                .get_json()
+            )
+        )
+        resume.start()
+        assert eventually(lambda: waiting_for_a_row_lock(postgres_url))
+        eraser.commit()
+        resume.join(10)
+    finally:
+        eraser.close()
+
+    [answer] = answers
+    assert answer["status"] == "collision"
+    assert answer["uuid"] != session_uuid
+    events = [(row.event_type, str(row.session_uuid)) for row in audit_rows(app)]
+    assert ("uuid_validated", session_uuid) not in events
+    assert ("uuid_collision", session_uuid) in events

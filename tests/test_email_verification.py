@@ -16,7 +16,7 @@ import requests
 import time_machine
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app import create_app
 from app.clock import utcnow
@@ -31,6 +31,7 @@ from tests.conftest import (
     build_app,
     code_in,
     session_row,
+    set_session_columns,
     smtp_env,
     smtp_server,
 )
@@ -171,13 +172,8 @@ def test_three_wrong_guesses_void_the_code_and_a_fresh_one_works(
 def test_an_expired_code_is_refused(app: Flask, client: FlaskClient, inbox: Inbox) -> None:
     session_uuid = new_session(client)
     call(client, "verify-email", session_uuid, {"email": ADDRESS})
-    with app.app_context():
-        db.session.execute(
-            update(ChatSession)
-            .where(ChatSession.uuid == uuid.UUID(session_uuid))
-            .values(verification_code_expires_at=utcnow() - timedelta(seconds=1))
-        )
-        db.session.commit()
+    expired = utcnow() - timedelta(seconds=1)
+    set_session_columns(app, session_uuid, verification_code_expires_at=expired)
 
     response = call(client, "verify-code", session_uuid, {"code": code_in(inbox.messages[0])})
 

@@ -237,6 +237,20 @@ def test_a_flood_of_resumes_for_one_session_is_cut_off(app_at_defaults: Flask) -
     assert validate(client, other) == (200, "success")
 
 
+def test_one_client_resuming_many_sessions_meets_its_own_ceiling(database_url: str) -> None:
+    app = build_app(database_url, RESUME_RATE_LIMIT="2/minute", RESUME_IP_RATE_LIMIT="5/minute")
+    client = app.test_client()
+    sessions = [client.post("/api/v1/generate-uuid").get_json()["uuid"] for _ in range(3)]
+
+    first = [validate(client, sessions[0]) for _ in range(3)]
+    others = [validate(client, session) for session in sessions[1:] for _ in range(2)]
+
+    # The refused third resume of the first session did not count against the ceiling.
+    assert first == [(200, "success")] * 2 + [(429, "rate_limited")]
+    assert others == [(200, "success")] * 3 + [(429, "rate_limited")]
+    assert len(audit_rows(app, "uuid_validated")) == 5
+
+
 def test_retry_after_is_only_on_429_and_503(database_url: str) -> None:
     app = build_app(
         database_url,

@@ -199,7 +199,7 @@ def test_a_new_session_and_a_resume_are_one_autocommitted_statement_each(
             sqlalchemy_events.remove(engine, "before_cursor_execute", capture)
 
     assert generated == [("WITH claimed", True)]
-    assert sent == [("WITH seen", True)]
+    assert sent == [("WITH touched", True)]
     assert [row.event_type for row in audit_rows(app)] == ["uuid_generated", "uuid_validated"]
 
 

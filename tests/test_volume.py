@@ -86,7 +86,7 @@ def test_at_volume_every_job_finishes_and_no_visit_statement_scans_a_large_table
     assert sweep.errors == 0
     # The visit ran, its resumes (one statement each, on the autocommit engine) included.
     assert len(statements) > 60
-    assert any(statement.startswith("WITH seen AS") for statement, _ in statements)
+    assert any(statement.startswith("WITH touched AS") for statement, _ in statements)
     assert scans_of_large_tables(dsn, statements) == []
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from app.messages import SESSION_RESET
 from app.middleware import request_audit_context
 from app.privacy import mask_email
-from app.rate_limits import limited_as_resume, limited_per_ip, new_session_budget
+from app.rate_limits import limited_per_ip, new_session_budget, resume_budget
 from app.routes import ApiBlueprint
 from app.schemas import (
     ConsentRequestSchema,
@@ -60,7 +60,6 @@ def generate_uuid() -> dict[str, Any]:
 
 
 @sessions_bp.route("/validate-uuid", methods=["POST"])
-@limited_as_resume
 @sessions_bp.arguments(ValidateUuidRequestSchema())
 @sessions_bp.response(200, ValidateUuidResponseSchema)
 @sessions_bp.alt_response(429, response="TOO_MANY_REQUESTS")
@@ -71,7 +70,9 @@ def validate_uuid(body: dict[str, Any]) -> dict[str, Any]:
     (`RESUME_RATE_LIMIT`) and per client (`RESUME_IP_RATE_LIMIT`); registering or replacing
     spends a new session (`SESSION_RATE_LIMIT`).
     """
-    result = chat_sessions.validate(body["uuid"], request_audit_context(), new_session_budget())
+    result = chat_sessions.validate(
+        body["uuid"], request_audit_context(), new_session_budget(), resume_budget(body["uuid"])
+    )
     return {
         "status": result.verdict.value,
         "uuid": result.session_uuid,

@@ -80,17 +80,16 @@ def _values(
 
 
 def insert_for_each(sessions: Select[tuple[uuid.UUID]]) -> Insert:
-    """An INSERT of one audit row per session UUID that ``sessions`` selects.
+    """An INSERT of one audit row per session UUID that ``sessions`` selects (its one column).
 
-    For a statement that writes a change and its audit rows at once (a data-modifying CTE, on
-    PostgreSQL); the other values are bound parameters, given by ``bound_values``. Their names
-    carry a prefix, so that they never meet a parameter of the change they are written with.
+    For a statement that writes a change and its audit rows at once (with a data-modifying CTE,
+    on PostgreSQL); the other values are bound parameters, given by ``bound_values``. Their
+    names carry a prefix, so that they never meet a parameter of the change they are written with.
     """
-    source = sessions.subquery()
-    values = select(
+    values = sessions.with_only_columns(
         _bound("occurred_at"),
         _bound("event_type"),
-        *source.c,
+        *sessions.selected_columns,
         _bound("client_ip"),
         _bound("correlation_id"),
         _bound("details"),

@@ -90,15 +90,15 @@ class _Claim(enum.Enum):
     ENDED = "ended"
 
 
-class SessionBudget(Protocol):
-    """The caller's allowance of new sessions (app.rate_limits.NewSessionBudget)."""
+class Budget(Protocol):
+    """An allowance of the caller's, spent before the service acts (app.rate_limits.Budget)."""
 
     def spend(self) -> None:
-        """Count one new session, or raise RateLimited."""
+        """Count one use, or raise RateLimited."""
         ...
 
 
-def generate(context: AuditContext, budget: SessionBudget) -> uuid.UUID:
+def generate(context: AuditContext, budget: Budget) -> uuid.UUID:
     """Issue a fresh UUID registered as a pending session."""
     budget.spend()
     session_uuid = _issue_fresh_uuid(context, alone=True)
@@ -106,11 +106,15 @@ def generate(context: AuditContext, budget: SessionBudget) -> uuid.UUID:
     return session_uuid
 
 
-def validate(raw: str, context: AuditContext, budget: SessionBudget) -> ValidationResult:
+def validate(
+    raw: str, context: AuditContext, new_sessions: Budget, resumes: Budget
+) -> ValidationResult:
     """Resume a live session, register an unknown v4 UUID, or replace an ended one.
 
-    Only registering and replacing spend from ``budget``; resuming is free.
+    Every call spends from ``resumes``; only registering and replacing spend from
+    ``new_sessions``.
     """
+    resumes.spend()
     session_uuid = parse_uuid4(raw)
     if session_uuid is None:
         audit.record("uuid_invalid", context, reason="not_uuid_v4")
@@ -119,7 +123,7 @@ def validate(raw: str, context: AuditContext, budget: SessionBudget) -> Validati
 
     if on_postgresql() and _resumed_and_audited(session_uuid, context):
         return ValidationResult(Verdict.SUCCESS, session_uuid)
-    claim = _resume_or_register(session_uuid, context, budget)
+    claim = _resume_or_register(session_uuid, context, new_sessions)
     if claim is _Claim.ENDED:
         replacement = _issue_fresh_uuid(context, alone=False)
         audit.record("uuid_collision", context, session_uuid, replacement=str(replacement))
@@ -293,9 +297,7 @@ def _issue_fresh_uuid(context: AuditContext, *, alone: bool) -> uuid.UUID:
     raise UuidGenerationFailed()
 
 
-def _resume_or_register(
-    session_uuid: uuid.UUID, context: AuditContext, budget: SessionBudget
-) -> _Claim:
+def _resume_or_register(session_uuid: uuid.UUID, context: AuditContext, budget: Budget) -> _Claim:
     now = utcnow()
     if _mark_seen(session_uuid, now, lock=False):
         return _Claim.RESUMED
@@ -378,21 +380,19 @@ _CLAIM = {
 }
 
 
-def _audited(change: CTE) -> Select[int]:
-    """The count of audit rows written for the session UUIDs that the CTE ``change`` returns."""
-    rows = audit.insert_for_each(select(change.c.uuid)).returning(literal(1)).cte("audited")
-    return select(func.count()).select_from(rows)
+def _audited(sessions: Select[tuple[uuid.UUID]], change: CTE) -> ReturningInsert[int]:
+    """The audit rows of the session UUIDs ``sessions`` selects, written with the CTE ``change``.
+
+    It returns a row per audit row written, so "none" means nothing was written.
+    """
+    return audit.insert_for_each(sessions).add_cte(change).returning(literal(1))
 
 
 # Statements that write a change and its audit row in one round trip: the commonest requests
 # (a generated UUID, a resume) cost one statement instead of two. PostgreSQL only: SQLite has
 # no data-modifying CTEs.
-_CLAIM_AUDITED = _audited(_CLAIM["postgresql"].cte("claimed"))
-_SEEN = (
-    select(_SESSIONS.c.uuid, _SESSIONS.c.last_seen_at)
-    .where(_SESSIONS.c.uuid == bindparam("session_uuid"))
-    .cte("seen")
-)
+_CLAIMED = _CLAIM["postgresql"].cte("claimed")
+_CLAIM_AUDITED = _audited(select(_CLAIMED.c.uuid), _CLAIMED)
 _TOUCHED = (
     update(_SESSIONS)
     .where(
@@ -403,12 +403,18 @@ _TOUCHED = (
     .returning(_SESSIONS.c.uuid)
     .cte("touched")
 )
-# A fresh session is audited as it is; a stale one only if its touch found the row, so that a
-# session erased while the statement ran is neither audited nor reported resumed.
+# The audit row's SELECT sees the row as it was before the touch. A fresh session is audited as
+# it is; a stale one only if its touch found the row, so that a session erased while the
+# statement ran is neither audited nor reported resumed.
 _RESUME_AUDITED = _audited(
-    select(_SEEN.c.uuid)
-    .where(or_(_SEEN.c.last_seen_at > bindparam("stale_before"), exists(select(_TOUCHED.c.uuid))))
-    .cte("resumed")
+    select(_SESSIONS.c.uuid).where(
+        _SESSIONS.c.uuid == bindparam("session_uuid"),
+        or_(
+            _SESSIONS.c.last_seen_at > bindparam("stale_before"),
+            exists(select(_TOUCHED.c.uuid)),
+        ),
+    ),
+    _TOUCHED,
 )
 
 
