@@ -69,7 +69,7 @@ def scalar_alone(statement: Executable, params: Any) -> Any:
 
 def upsert(model: type[Base]) -> postgresql.Insert | sqlite.Insert:
     """An INSERT for ``model`` that accepts ON CONFLICT clauses on the database in use."""
-    if db.session.get_bind().dialect.name == "postgresql":
+    if on_postgresql():
         return postgresql.insert(model)
     return sqlite.insert(model)
 

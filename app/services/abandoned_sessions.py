@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, select
+from sqlalchemy import ColumnElement, select
 
 from app.extensions import db
 from app.models import ChatSession, EmailSend, RetirementReason, SessionState
@@ -86,5 +86,5 @@ def _count(eligible: ColumnElement[bool], report: PurgeReport) -> None:
 
 
 def _prune_send_history(report: PurgeReport, now: datetime) -> None:
-    table = cast(Table, EmailSend.__table__)
-    report.send_records_pruned = delete_in_batches(table, EmailSend.sent_at < now - SEND_HISTORY)
+    old = EmailSend.sent_at < now - SEND_HISTORY
+    report.send_records_pruned = delete_in_batches(EmailSend, old)

@@ -20,10 +20,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from typing import cast
 
 from flask import Flask, current_app, has_request_context, request
-from sqlalchemy import Table, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import metrics
@@ -243,8 +242,7 @@ def report_job_error(job: str, error: str, session_uuid: uuid.UUID | None = None
 def forget_old_notices(now: datetime) -> int:
     """Drop deduplication records whose window has passed, in batches; how many."""
     window = timedelta(minutes=current_app.config["ADMIN_NOTIFY_DEDUP_MINUTES"])
-    table = cast(Table, AdminNotice.__table__)
-    return delete_in_batches(table, AdminNotice.last_sent_at < now - window)
+    return delete_in_batches(AdminNotice, AdminNotice.last_sent_at < now - window)
 
 
 def _first_in_deployment(signature: str, now: datetime, window: timedelta) -> bool:

@@ -10,19 +10,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from sqlalchemy import ColumnElement, Table, delete, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.extensions import db
+from app.extensions import Base, db
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 5000
 
 
-def delete_in_batches(table: Table, old: ColumnElement[bool], *, batch: int = BATCH_ROWS) -> int:
-    """Delete every row of ``table`` matching ``old``, ``batch`` rows per transaction; how many."""
+def delete_in_batches(
+    rows: type[Base] | Table, old: ColumnElement[bool], *, batch: int = BATCH_ROWS
+) -> int:
+    """Delete every row of a model's table (or a table) matching ``old``, ``batch`` rows per
+    transaction; how many."""
+    table = rows if isinstance(rows, Table) else cast(Table, rows.__table__)
     key = list(table.primary_key.columns)
     chosen = select(*key).where(old).limit(batch)
     matches = key[0].in_(chosen) if len(key) == 1 else tuple_(*key).in_(chosen)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, func, select
+from sqlalchemy import ColumnElement, func, select
 
 from app.extensions import db, on_postgresql
 from app.models import (
@@ -96,8 +96,7 @@ def _erase_expired(expired: ColumnElement[bool], report: RetentionReport) -> Non
 
 def _prune_audit(cutoff: datetime, report: RetentionReport) -> None:
     if not on_postgresql():
-        table = cast(Table, AuditEvent.__table__)
-        report.audit_rows_deleted = delete_in_batches(table, AuditEvent.occurred_at < cutoff)
+        report.audit_rows_deleted = delete_in_batches(AuditEvent, AuditEvent.occurred_at < cutoff)
         return
     # Whole days go as partitions; the rows of the day the cutoff falls in go with theirs the
     # next day. Rows of days without a partition (restored ones) go to the second.
@@ -119,8 +118,7 @@ def _count_old_audit(cutoff: datetime, report: RetentionReport) -> None:
 
 
 def _prune_tombstones(old: ColumnElement[bool], report: RetentionReport) -> None:
-    table = cast(Table, RetiredSessionUUID.__table__)
-    report.tombstones_deleted = delete_in_batches(table, old)
+    report.tombstones_deleted = delete_in_batches(RetiredSessionUUID, old)
 
 
 def _count(query: Any) -> int:
