@@ -24,7 +24,7 @@ import boto3
 import psycopg2
 import pytest
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 
 from app import create_app
@@ -47,7 +47,8 @@ from tests.conftest import (
 )
 from tests.s3_proxy import DROP, S3Proxy, Slow
 from tests.servers import PROJECT_ROOT, free_port
-from tests.test_atomicity import audit_refused
+from tests.test_atomicity import LOCK_AUDIT_EVENTS, audit_refused
+from tests.test_locks import eventually
 
 S3_ERROR = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
 PDF = b"%PDF-1.7 fault test"
@@ -656,6 +657,55 @@ def test_an_upload_whose_record_fails_after_storing_leaves_no_file(
     assert audit_rows(app, "file_uploaded") == []
     listed = client.get(f"/api/v1/session/{session_uuid}/files").get_json()
     assert listed["files"] == []
+
+
+@contextmanager
+def commits_finishing_late(app: Flask, event_type: str, seconds: float) -> Iterator[None]:
+    """A COMMIT carrying an audit row of ``event_type`` takes ``seconds`` on the server, then lands.
+
+    A deferred trigger sleeps at COMMIT time: the client may give up and lose the answer while
+    the server goes on and commits, which is how a lost connection looks from both ends.
+    """
+    statements = [
+        LOCK_AUDIT_EVENTS,
+        "CREATE OR REPLACE FUNCTION finish_late() RETURNS trigger AS $$ BEGIN "
+        "PERFORM pg_sleep(TG_ARGV[0]::float); RETURN NULL; END $$ LANGUAGE plpgsql",
+        "CREATE CONSTRAINT TRIGGER finish_late AFTER INSERT ON audit_events "
+        f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.event_type = '{event_type}') "
+        f"EXECUTE FUNCTION finish_late('{seconds}')",
+    ]
+    with app.app_context():
+        for statement in statements:
+            db.session.execute(text(statement))
+        db.session.commit()
+    try:
+        yield
+    finally:
+        with app.app_context():
+            db.session.execute(text(LOCK_AUDIT_EVENTS))
+            db.session.execute(text("DROP TRIGGER finish_late ON audit_events"))
+            db.session.commit()
+
+
+def test_an_upload_whose_commit_lands_after_its_answer_keeps_its_file(postgres_url: str) -> None:
+    # The COMMIT reaches the server and the request gives up at its deadline before the answer
+    # comes; then the commit lands. The trail says the file was stored, so it must be stored.
+    app = build_app(
+        postgres_url, REQUEST_DEADLINE_SECONDS="1", DATABASE_STATEMENT_TIMEOUT_MS="5000"
+    )
+    client = app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+
+    with commits_finishing_late(app, "file_uploaded", seconds=2):
+        response = client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+            content_type="multipart/form-data",
+        )
+        assert response.status_code == 503
+        assert eventually(lambda: audit_rows(app, "file_uploaded") != [], timeout=5)
+
+    assert [key.rpartition("/")[2] for key in stored(app)] == ["cv.pdf"]
 
 
 def test_readiness_checks_once_per_interval_and_within_its_bound(

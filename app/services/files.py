@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import BinaryIO, NoReturn
 
 from flask import current_app
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.utils import secure_filename
 
 from app import deadline
@@ -92,6 +92,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
             # still held, so no other upload of this name is under way.
             _undo_unrecorded_upload(storage, key, replaced=key in existing)
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
+    committing = False
     try:
         audit.record(
             "file_uploaded",
@@ -101,12 +102,27 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
             size=size,
             replaced=key in existing,
         )
+        committing = True
         db.session.commit()
-    except SQLAlchemyError:
+    except SQLAlchemyError as exc:
         db.session.rollback()
-        _undo_unrecorded_upload(storage, key, replaced=key in existing)
+        if committing and _connection_lost(exc):
+            # The COMMIT may have reached the server with only its answer lost, so the audit
+            # row may stand. A file the trail says was stored must be there; a file stored
+            # without its row is the lesser harm (its folder is listed and erased like any).
+            log.error(
+                "an upload's record may have been committed: its file is kept",
+                extra={"file": file_ref(name)},
+            )
+        else:
+            _undo_unrecorded_upload(storage, key, replaced=key in existing)
         raise
     return SessionFile(name, size, stored.last_modified, download_links.link(session_uuid, stored))
+
+
+def _connection_lost(exc: SQLAlchemyError) -> bool:
+    """Whether the database connection was lost (a disconnect, or no answer in time)."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def _undo_unrecorded_upload(storage: Storage, key: str, *, replaced: bool) -> None:
