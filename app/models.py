@@ -289,3 +289,20 @@ class DataRequest(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The sessions an erasure through this grant began, until it finished them all.
     erasing: Mapped[list[str] | None] = mapped_column(JSON())
+
+
+class PendingFileDeletion(Base):
+    """A file deletion asked for and not yet known to be done.
+
+    Committed before storage is asked, so a failure after that point (storage or the database)
+    leaves this row, not a file gone without its ``file_deleted`` audit row. Whoever finishes it
+    deletes the file if it is still stored, records ``file_deleted`` and removes the row. The file
+    is named by its audit reference, never by its name.
+    """
+
+    __tablename__ = "pending_file_deletions"
+
+    session_uuid: Mapped[uuid.UUID] = mapped_column(Uuid(as_uuid=True), primary_key=True)
+    file_ref: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The orphan sweep finishes only deletions older than a request can take.
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -33,14 +33,8 @@ from sqlalchemy.engine import make_url
 from app import create_app
 from app.extensions import db
 from app.models import (
-    AdminNotice,
     AuditEvent,
     ChatSession,
-    ConsentEvent,
-    DataRequest,
-    EmailSend,
-    JobRun,
-    RetiredSessionUUID,
 )
 from tests.s3_proxy import S3Proxy
 from tests.servers import PROJECT_ROOT, VENV_BIN
@@ -180,17 +174,9 @@ def build_app(database_url: str, **overrides: str) -> Flask:
         if database_url not in _migrated:
             upgrade()
             _migrated.add(database_url)
-        for model in (
-            AuditEvent,
-            RetiredSessionUUID,
-            ChatSession,
-            JobRun,
-            EmailSend,
-            ConsentEvent,
-            AdminNotice,
-            DataRequest,
-        ):
-            db.session.execute(delete(model))
+        # Every table the models know, so a new one cannot carry rows from test to test.
+        for table in db.metadata.sorted_tables:
+            db.session.execute(delete(table))
         db.session.commit()
     return app
 

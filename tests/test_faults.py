@@ -24,14 +24,15 @@ import boto3
 import psycopg2
 import pytest
 from flask import Flask
-from sqlalchemy import text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import make_url
 
 from app import create_app
 from app.clock import utcnow
 from app.extensions import db, lock_key
-from app.models import ChatSession, RetirementReason, SessionState
+from app.models import ChatSession, PendingFileDeletion, RetirementReason, SessionState
 from app.services.erasure import erase_all, files_lock_name
+from app.services.files import file_ref
 from app.services.orphan_sweep import sweep_orphans
 from app.storage import StorageUnavailable, current_storage
 from tests.conftest import (
@@ -169,6 +170,155 @@ def test_delete_when_deleting_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str
     proxy[0].fault = None
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
     assert audit_rows(faulty_app, "file_deleted") == []
+
+
+def delete_file(app: Flask, session_uuid: str, filename: str = "cv.pdf") -> int:
+    response = app.test_client().delete(
+        "/api/v1/delete",
+        json={"filename": filename, "session_uuid": session_uuid},
+        headers=JSON_HEADERS,
+    )
+    return response.status_code
+
+
+def pending_deletions(app: Flask) -> list[tuple[uuid.UUID, str]]:
+    with app.app_context():
+        rows = db.session.execute(
+            select(PendingFileDeletion.session_uuid, PendingFileDeletion.file_ref)
+        )
+        return [tuple(row) for row in rows]
+
+
+def sweep_an_hour_later(app: Flask, *, dry_run: bool = False) -> dict[str, object]:
+    with app.app_context():
+        report = sweep_orphans(
+            current_storage(),
+            now=utcnow() + timedelta(hours=1),
+            min_age=timedelta(minutes=30),
+            dry_run=dry_run,
+        )
+    return report.as_dict()
+
+
+def test_a_retried_delete_finishes_one_storage_refused(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    session_uuid = new_session_with_file(faulty_app)
+    proxy[0].fault = fail("DeleteObjects")
+    assert delete_file(faulty_app, session_uuid) == 503
+    proxy[0].fault = None
+
+    assert delete_file(faulty_app, session_uuid) == 200
+
+    assert stored(faulty_app) == []
+    assert len(audit_rows(faulty_app, "file_deleted")) == 1
+    assert pending_deletions(faulty_app) == []
+
+
+def test_a_delete_whose_record_fails_after_deleting_is_finished_by_a_retry(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    # Storage deleted the file, then the database refused the record: the file is gone, and
+    # what says so must not be lost with the failed transaction.
+    app = build_app(database_url, **storage_env)
+    session_uuid = new_session_with_file(app)
+    with audit_refused(app, "file_deleted"):
+        assert delete_file(app, session_uuid) == 500
+    assert stored(app) == []
+    assert audit_rows(app, "file_deleted") == []
+    assert len(pending_deletions(app)) == 1
+
+    assert delete_file(app, session_uuid) == 200
+
+    [deleted] = audit_rows(app, "file_deleted")
+    assert deleted.details["file_ref"] == pending_ref(app, "cv.pdf")
+    assert pending_deletions(app) == []
+    assert delete_file(app, session_uuid) == 404
+
+
+def pending_ref(app: Flask, filename: str) -> str:
+    with app.app_context():
+        return file_ref(filename)
+
+
+def test_the_orphan_sweep_finishes_deletions_nobody_retried(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    app = build_app(database_url, **storage_env)
+    gone = new_session_with_file(app)
+    with audit_refused(app, "file_deleted"):
+        assert delete_file(app, gone) == 500
+    still_stored = new_session_with_file(app)
+    with app.app_context():
+        db.session.execute(
+            insert(PendingFileDeletion).values(
+                session_uuid=uuid.UUID(still_stored),
+                file_ref=file_ref("cv.pdf"),
+                requested_at=utcnow(),
+            )
+        )
+        db.session.commit()
+
+    young = sweep_orphans_now(app)
+    assert (young["deletions_finished"], young["deletions_pending"]) == (0, 0)
+    assert len(pending_deletions(app)) == 2
+    dry = sweep_an_hour_later(app, dry_run=True)
+    assert (dry["deletions_finished"], dry["deletions_pending"]) == (0, 2)
+    assert len(pending_deletions(app)) == 2
+
+    report = sweep_an_hour_later(app)
+
+    assert (report["deletions_finished"], report["deletions_pending"]) == (2, 0)
+    assert stored(app) == []
+    deleted = audit_rows(app, "file_deleted")
+    assert {str(row.session_uuid) for row in deleted} == {gone, still_stored}
+    assert pending_deletions(app) == []
+
+
+def sweep_orphans_now(app: Flask) -> dict[str, object]:
+    with app.app_context():
+        report = sweep_orphans(
+            current_storage(), now=utcnow(), min_age=timedelta(minutes=30), dry_run=False
+        )
+    return report.as_dict()
+
+
+def test_an_upload_of_a_name_pending_deletion_ends_that_deletion(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    # Left pending, the deletion would later remove the new upload.
+    session_uuid = new_session_with_file(faulty_app)
+    proxy[0].fault = fail("DeleteObjects")
+    assert delete_file(faulty_app, session_uuid) == 503
+    proxy[0].fault = None
+
+    response = faulty_app.test_client().post(
+        "/api/v1/upload",
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 200
+
+    assert pending_deletions(faulty_app) == []
+    events = [row.event_type for row in audit_rows(faulty_app) if row.event_type.startswith("file")]
+    assert events == ["file_uploaded", "file_deleted", "file_uploaded"]
+    sweep_an_hour_later(faulty_app)
+    assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
+
+
+def test_erasing_a_session_ends_its_pending_deletions(
+    faulty_app: Flask, proxy: tuple[S3Proxy, str]
+) -> None:
+    session_uuid = new_session_with_file(faulty_app)
+    proxy[0].fault = fail("DeleteObjects")
+    assert delete_file(faulty_app, session_uuid) == 503
+    proxy[0].fault = None
+
+    erased = faulty_app.test_client().delete(f"/api/v1/session/{session_uuid}")
+
+    assert erased.status_code == 200
+    assert stored(faulty_app) == []
+    assert pending_deletions(faulty_app) == []
 
 
 def test_erasure_when_deleting_fails_then_a_retry_completes(

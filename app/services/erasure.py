@@ -12,7 +12,14 @@ from sqlalchemy import ColumnElement, Table, bindparam, delete, insert, select, 
 
 from app.clock import utcnow
 from app.extensions import advisory_xact_lock, db, has_advisory_locks, try_advisory_xact_locks
-from app.models import ChatSession, ConsentEvent, EmailSend, RetiredSessionUUID, RetirementReason
+from app.models import (
+    ChatSession,
+    ConsentEvent,
+    EmailSend,
+    PendingFileDeletion,
+    RetiredSessionUUID,
+    RetirementReason,
+)
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM, AuditContext
 from app.storage import Storage, StorageUnavailable, current_storage, session_objects
@@ -177,10 +184,10 @@ def _delete_rows(
     if not erased:
         db.session.rollback()
         return []
-    db.session.execute(
-        delete(ConsentEvent).where(ConsentEvent.session_uuid.in_(bindparam("uuids"))),
-        {"uuids": erased},
-    )
+    for model in (ConsentEvent, PendingFileDeletion):
+        db.session.execute(
+            delete(model).where(model.session_uuid.in_(bindparam("uuids"))), {"uuids": erased}
+        )
     unlink_send_history(erased)
     now = utcnow()
     db.session.execute(

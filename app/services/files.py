@@ -10,10 +10,13 @@ from datetime import datetime
 from typing import BinaryIO, NoReturn
 
 from flask import current_app
+from sqlalchemy import delete as delete_rows
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.utils import secure_filename
 
 from app import deadline
+from app.clock import utcnow
 from app.errors import (
     FileLimitReached,
     FileNotFound,
@@ -23,10 +26,12 @@ from app.errors import (
     StorageUnavailableError,
     UnsupportedFileType,
 )
-from app.extensions import db
+from app.extensions import advisory_xact_lock, db, execute, has_advisory_locks, upsert
+from app.models import PendingFileDeletion
 from app.privacy import keyed_hash
 from app.services import audit, chat_sessions, download_links
-from app.services.audit import AuditContext
+from app.services.audit import SYSTEM, AuditContext
+from app.services.erasure import files_lock_name
 from app.storage import (
     Storage,
     StorageUnavailable,
@@ -94,6 +99,7 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
         rejected("storage_unavailable", StorageUnavailableError(), cause=exc)
     committing = False
     try:
+        _supersede_pending_deletion(session_uuid, file_ref(name), context)
         audit.record(
             "file_uploaded",
             context,
@@ -118,6 +124,23 @@ def upload(raw_uuid: str, filename: str, body: BinaryIO, *, context: AuditContex
             _undo_unrecorded_upload(storage, key, replaced=key in existing)
         raise
     return SessionFile(name, size, stored.last_modified, download_links.link(session_uuid, stored))
+
+
+def _supersede_pending_deletion(
+    session_uuid: uuid.UUID, reference: str, context: AuditContext
+) -> None:
+    """End a pending deletion of the name just stored: its earlier content is gone either way.
+
+    Left pending, it would later delete the new upload.
+    """
+    ended = execute(
+        delete_rows(PendingFileDeletion).where(
+            PendingFileDeletion.session_uuid == session_uuid,
+            PendingFileDeletion.file_ref == reference,
+        )
+    )
+    if ended.rowcount:
+        audit.record("file_deleted", context, session_uuid, file_ref=reference)
 
 
 def _connection_lost(exc: SQLAlchemyError) -> bool:
@@ -157,7 +180,14 @@ def refuse_oversized_body(context: AuditContext) -> NoReturn:
 
 
 def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
-    """Delete one file from the session's folder."""
+    """Delete one file from the session's folder.
+
+    Two transactions under the session's file lock: the first records the deletion as pending
+    and commits, the second asks storage, then records ``file_deleted`` and ends the pending
+    row. Storage and the database cannot change together; this order means a failure anywhere
+    after the first commit leaves the pending row, which a retry (or the orphan sweep) finishes,
+    never a file gone without its audit row. StorageUnavailableError if it is left pending.
+    """
     session_uuid = chat_sessions.parse_uuid4(raw_uuid)
     if session_uuid is None:
         raise SessionNotFound()
@@ -166,19 +196,115 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     if name is None:
         raise FileNotFound()
     storage = current_storage()
-    key = session_prefix(session_uuid) + name
+    ref = file_ref(name)
     try:
-        if key not in {stored.key for stored in session_objects(storage, session_uuid)}:
-            raise FileNotFound()
-        failed = storage.delete_many([key])
+        stored = ref in _keys_by_ref(storage, session_uuid)
     except StorageUnavailable as exc:
         db.session.rollback()
         raise StorageUnavailableError() from exc
-    if failed:
+    # A file already pending deletion may be gone from storage: a retry finishes its deletion.
+    if not stored and ref not in _pending_refs(session_uuid):
         db.session.rollback()
-        raise StorageUnavailableError()
-    audit.record("file_deleted", context, session_uuid, file_ref=file_ref(name))
+        raise FileNotFound()
+    execute(
+        upsert(PendingFileDeletion)
+        .values(session_uuid=session_uuid, file_ref=ref, requested_at=utcnow())
+        .on_conflict_do_nothing()
+    )
     db.session.commit()
+    # That commit released the file lock; an upload or delete that ran in between finished
+    # this deletion already, and leaves nothing pending.
+    chat_sessions.hold_session_files(session_uuid)
+    try:
+        _, unfinished = finish_deletions(storage, session_uuid, context)
+    except StorageUnavailable as exc:
+        db.session.rollback()
+        raise StorageUnavailableError() from exc
+    db.session.commit()
+    if ref in unfinished:
+        raise StorageUnavailableError()
+
+
+def finish_deletions(
+    storage: Storage, session_uuid: uuid.UUID, context: AuditContext
+) -> tuple[list[str], set[str]]:
+    """Finish the session's pending deletions: the references finished, and those still pending.
+
+    The caller holds the session's file lock. A pending file still stored is deleted; one already
+    gone was deleted by an attempt whose record failed. Either way ``file_deleted`` is recorded
+    now. The caller commits. Raises StorageUnavailable if storage cannot be listed or refuses the
+    delete request.
+    """
+    pending = _pending_refs(session_uuid)
+    if not pending:
+        return [], set()
+    keys = {ref: key for ref, key in _keys_by_ref(storage, session_uuid).items() if ref in pending}
+    failed = storage.delete_many(list(keys.values())) if keys else {}
+    finished = sorted(ref for ref in pending if keys.get(ref) not in failed)
+    if finished:
+        execute(
+            delete_rows(PendingFileDeletion).where(
+                PendingFileDeletion.session_uuid == session_uuid,
+                PendingFileDeletion.file_ref.in_(finished),
+            )
+        )
+        audit.record_many(
+            "file_deleted", context, [(session_uuid, {"file_ref": ref}) for ref in finished]
+        )
+    return finished, pending - set(finished)
+
+
+def finish_interrupted_deletions(
+    storage: Storage, *, requested_before: datetime
+) -> tuple[int, int]:
+    """Finish the deletions pending since before ``requested_before``: (finished, still pending).
+
+    The request that left one answered 503, and its person may never retry. A session whose
+    file lock another request holds is left for the next run; each session commits on its own.
+    """
+    query = select(PendingFileDeletion.session_uuid).where(
+        PendingFileDeletion.requested_at < requested_before
+    )
+    finished = left = 0
+    for session_uuid in list(db.session.scalars(query.distinct())):
+        if has_advisory_locks() and not advisory_xact_lock(
+            files_lock_name(session_uuid), wait=False
+        ):
+            left += len(_pending_refs(session_uuid))
+            db.session.rollback()
+            continue
+        try:
+            done, unfinished = finish_deletions(storage, session_uuid, SYSTEM)
+        except StorageUnavailable:
+            left += len(_pending_refs(session_uuid))
+            db.session.rollback()
+            continue
+        db.session.commit()
+        finished += len(done)
+        left += len(unfinished)
+    return finished, left
+
+
+def count_interrupted_deletions(*, requested_before: datetime) -> int:
+    """How many deletions have been pending since before ``requested_before``."""
+    query = select(func.count()).where(PendingFileDeletion.requested_at < requested_before)
+    return db.session.scalar(query) or 0
+
+
+def _pending_refs(session_uuid: uuid.UUID) -> set[str]:
+    """The references of the session's files whose deletion is pending."""
+    query = select(PendingFileDeletion.file_ref).where(
+        PendingFileDeletion.session_uuid == session_uuid
+    )
+    return set(db.session.scalars(query))
+
+
+def _keys_by_ref(storage: Storage, session_uuid: uuid.UUID) -> dict[str, str]:
+    """The session's stored keys by their files' audit references."""
+    return {
+        file_ref(stored.key.rpartition("/")[2]): stored.key
+        for stored in session_objects(storage, session_uuid)
+    }
 
 
 def list_files(session_uuid: uuid.UUID) -> list[SessionFile]:

@@ -6,6 +6,7 @@ folders are checked against the database a thousand at a time, orphans are packe
 batches of at most a thousand keys, and each batch is checked against the database again just
 before its one delete request. Only keys that were listed are deleted, so a file uploaded in the
 meantime survives. Cost grows with the number of objects, not with the number of sessions.
+First, a real run finishes file deletions that a failed request left pending (files.delete).
 
 Nothing the sweep records, reports or sends names a file: keys carry file names, which are
 personal data, and audit rows outlive the erasure by a year. Files are named by keyed reference
@@ -29,7 +30,11 @@ from app.models import ChatSession
 from app.services import admin_alerts, audit
 from app.services.audit import SYSTEM
 from app.services.chat_sessions import parse_uuid4
-from app.services.files import file_ref
+from app.services.files import (
+    count_interrupted_deletions,
+    file_ref,
+    finish_interrupted_deletions,
+)
 from app.storage import (
     BATCH_SIZE,
     UPLOADS_PREFIX,
@@ -61,6 +66,9 @@ class SweepReport:
     kept_raced: int = 0
     non_uuid_folders: int = 0
     loose_files: int = 0
+    # File deletions a failed request left pending (see files.delete), finished or still pending.
+    deletions_finished: int = 0
+    deletions_pending: int = 0
     errors: int = 0
     duration_seconds: float = 0.0
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -122,6 +130,12 @@ def sweep_orphans(
     """Delete (or, dry, only count) orphaned upload folders; audit and return a summary."""
     report = SweepReport(dry_run=dry_run)
     started = time.perf_counter()
+    if dry_run:
+        report.deletions_pending = count_interrupted_deletions(requested_before=now - min_age)
+    else:
+        report.deletions_finished, report.deletions_pending = finish_interrupted_deletions(
+            storage, requested_before=now - min_age
+        )
     try:
         for batch in find_orphans(storage, report, cutoff=now - min_age):
             delete_orphans(storage, batch, report, dry_run=dry_run)
