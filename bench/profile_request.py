@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.session_throughput import (  # noqa: E402
     APP_ENV,
+    cpu_seconds,
     lua_script,
     migrate,
     resume_bodies,
@@ -74,15 +75,6 @@ def layer_of(stack: list[str]) -> str:
             if fragment in frame:
                 return layer
     return "other"
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of ``pids`` so far."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def profile(url: str, master: int, path: str, bodies: list[str], args, work: Path) -> None:

@@ -5,9 +5,11 @@ bench/stack_floor_app.py) are served by gunicorn with the same worker count on t
 PostgreSQL server, and driven by wrk (a C load generator: one written in Python would burn the
 cores the servers need). The targets are alternated round by round. Prints, per endpoint, the
 median req/s, its ratio to the bare endpoint, to the SQLAlchemy floor and to the design card's
-stack floor (/ card; each ratio the median of the round-by-round ratios), p50/p99 latency, and
-each gunicorn worker's RSS after the run (targets: generate-uuid and validate-uuid at 0.9 of the
-card's stack floor or more).
+stack floor (/ card; each ratio the median of the round-by-round ratios), p50/p99 latency, the
+CPU time per request of the target's gunicorn workers and every PostgreSQL process (CPU ms) with
+the card floor's over it (card CPU: above 1, cheaper than the floor; unlike req/s it does not
+move with other tenants' load), and each gunicorn worker's RSS after the run (targets:
+generate-uuid and validate-uuid at 0.9 of the card's stack floor or more).
 
     python bench/session_throughput.py [--workers 4] [--threads 2] [--connections 8]
                                        [--seconds 5] [--rounds 3] [--fill-visits N]
@@ -127,6 +129,9 @@ class Round:
     p50_ms: float
     p99_ms: float
     failed: int
+    requests: int = 0
+    # The CPU time the target's gunicorn workers and every PostgreSQL process spent per request.
+    server_cpu_ms: float = 0.0
 
 
 def run_wrk(url: str, script: Path, args: argparse.Namespace) -> Round:
@@ -148,7 +153,46 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace) -> Round:
     failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
     for counts in re.findall(r"Socket errors: (.*)", output):
         failed += sum(int(n) for n in re.findall(r"\d+", counts))
-    return Round(rps, p50, p99, failed)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    return Round(rps, p50, p99, failed, requests)
+
+
+def measured_round(server_pid: int, url: str, script: Path, args: argparse.Namespace) -> Round:
+    """One wrk run, with the CPU time the serving processes spent on each request.
+
+    CPU time, unlike req/s, does not depend on how much of the machine other tenants took during
+    the round: it says what a request costs the processes that serve it.
+    """
+    serving = worker_pids(server_pid) + postgres_pids()
+    before = cpu_seconds(serving)
+    measured = run_wrk(url, script, args)
+    spent = cpu_seconds(serving) - before
+    measured.server_cpu_ms = 1000 * spent / max(measured.requests, 1)
+    return measured
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (the bench's server is local)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "postgres":
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of ``pids`` so far (a process gone meanwhile counts nothing)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def worker_pids(master_pid: int) -> list[int]:
@@ -249,7 +293,9 @@ def main() -> None:
             rounds: dict[str, list[Round]] = {name: [] for name in targets}
             for _ in range(args.rounds):
                 for name, (server, _, _) in targets.items():
-                    rounds[name].append(run_wrk(server.url, scripts[name], args))
+                    rounds[name].append(
+                        measured_round(server.process.pid, server.url, scripts[name], args)
+                    )
             rss = {
                 "app": worker_rss_mib(app.process.pid),
                 "bare": worker_rss_mib(bare.process.pid),
@@ -275,6 +321,13 @@ def report(
         pairs = zip(rounds[name], rounds[base], strict=True)
         return statistics.median(mine.rps / theirs.rps for mine, theirs in pairs)
 
+    def cpu_ratio(name: str, base: str) -> float:
+        """The base's CPU per request over this target's: above 1, this one costs less."""
+        pairs = zip(rounds[name], rounds[base], strict=True)
+        return statistics.median(
+            theirs.server_cpu_ms / mine.server_cpu_ms for mine, theirs in pairs
+        )
+
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.seconds}s, "
         f"{args.workers} gunicorn workers each, {args.rounds} alternated rounds (median), "
@@ -282,7 +335,7 @@ def report(
     )
     print(
         f"{'endpoint':<28}{'req/s':>9}{'/ bare':>8}{'/ SQLA':>9}{'/ card':>9}"
-        f"{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}  rounds (req/s)"
+        f"{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}{'CPU ms':>8}{'card CPU':>10}  rounds (req/s)"
     )
     for name, runs in rounds.items():
         p50 = statistics.median(r.p50_ms for r in runs)
@@ -294,7 +347,9 @@ def report(
         print(
             f"{name:<28}{medians[name]:>9.1f}{ratio(name, 'bare INSERT'):>8.2f}"
             f"{ratio(name, 'floor: SQLAlchemy'):>9.2f}{ratio(name, 'floor: + flask-cors'):>9.2f}"
-            f"{p50:>8.2f}{p99:>8.2f}{failed:>8}  {each}{warning}"
+            f"{p50:>8.2f}{p99:>8.2f}{failed:>8}"
+            f"{statistics.median(r.server_cpu_ms for r in runs):>8.2f}"
+            f"{cpu_ratio(name, 'floor: + flask-cors'):>10.2f}  {each}{warning}"
         )
     print(
         "worker RSS after the run (MiB): "
