@@ -157,17 +157,8 @@ def test_upload_when_storing_fails(
 
 
 def test_delete_when_deleting_fails(faulty_app: Flask, proxy: tuple[S3Proxy, str]) -> None:
-    session_uuid = new_session_with_file(faulty_app)
-    proxy[0].fault = fail("DeleteObjects")
+    session_uuid = pending_after_storage_refused(faulty_app, proxy)
 
-    response = faulty_app.test_client().delete(
-        "/api/v1/delete",
-        json={"filename": "cv.pdf", "session_uuid": session_uuid},
-        headers=JSON_HEADERS,
-    )
-
-    assert response.status_code == 503
-    proxy[0].fault = None
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
     assert audit_rows(faulty_app, "file_deleted") == []
 
@@ -189,24 +180,31 @@ def pending_deletions(app: Flask) -> list[tuple[uuid.UUID, str]]:
         return [tuple(row) for row in rows]
 
 
-def sweep_an_hour_later(app: Flask, *, dry_run: bool = False) -> dict[str, object]:
+def sweep(app: Flask, *, hours_later: int = 0, dry_run: bool = False) -> dict[str, object]:
+    """Run the orphan sweep as if ``hours_later`` hours had passed; its report."""
     with app.app_context():
         report = sweep_orphans(
             current_storage(),
-            now=utcnow() + timedelta(hours=1),
+            now=utcnow() + timedelta(hours=hours_later),
             min_age=timedelta(minutes=30),
             dry_run=dry_run,
         )
     return report.as_dict()
 
 
+def pending_after_storage_refused(app: Flask, proxy: tuple[S3Proxy, str]) -> str:
+    """A session whose file deletion storage refused (503), so it stays pending."""
+    session_uuid = new_session_with_file(app)
+    proxy[0].fault = fail("DeleteObjects")
+    assert delete_file(app, session_uuid) == 503
+    proxy[0].fault = None
+    return session_uuid
+
+
 def test_a_retried_delete_finishes_one_storage_refused(
     faulty_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    session_uuid = new_session_with_file(faulty_app)
-    proxy[0].fault = fail("DeleteObjects")
-    assert delete_file(faulty_app, session_uuid) == 503
-    proxy[0].fault = None
+    session_uuid = pending_after_storage_refused(faulty_app, proxy)
 
     assert delete_file(faulty_app, session_uuid) == 200
 
@@ -221,9 +219,7 @@ def test_a_delete_whose_record_fails_after_deleting_is_finished_by_a_retry(
     # Storage deleted the file, then the database refused the record: the file is gone, and
     # what says so must not be lost with the failed transaction.
     app = build_app(database_url, **storage_env)
-    session_uuid = new_session_with_file(app)
-    with audit_refused(app, "file_deleted"):
-        assert delete_file(app, session_uuid) == 500
+    session_uuid = pending_after_record_refused(app)
     assert stored(app) == []
     assert audit_rows(app, "file_deleted") == []
     assert len(pending_deletions(app)) == 1
@@ -241,13 +237,19 @@ def pending_ref(app: Flask, filename: str) -> str:
         return file_ref(filename)
 
 
+def pending_after_record_refused(app: Flask) -> str:
+    """A session whose file storage deleted but whose deletion the database refused to record."""
+    session_uuid = new_session_with_file(app)
+    with audit_refused(app, "file_deleted"):
+        assert delete_file(app, session_uuid) == 500
+    return session_uuid
+
+
 def test_the_orphan_sweep_finishes_deletions_nobody_retried(
     database_url: str, storage_env: dict[str, str]
 ) -> None:
     app = build_app(database_url, **storage_env)
-    gone = new_session_with_file(app)
-    with audit_refused(app, "file_deleted"):
-        assert delete_file(app, gone) == 500
+    gone = pending_after_record_refused(app)
     still_stored = new_session_with_file(app)
     with app.app_context():
         db.session.execute(
@@ -259,14 +261,14 @@ def test_the_orphan_sweep_finishes_deletions_nobody_retried(
         )
         db.session.commit()
 
-    young = sweep_orphans_now(app)
+    young = sweep(app)
     assert (young["deletions_finished"], young["deletions_pending"]) == (0, 0)
     assert len(pending_deletions(app)) == 2
-    dry = sweep_an_hour_later(app, dry_run=True)
+    dry = sweep(app, hours_later=1, dry_run=True)
     assert (dry["deletions_finished"], dry["deletions_pending"]) == (0, 2)
     assert len(pending_deletions(app)) == 2
 
-    report = sweep_an_hour_later(app)
+    report = sweep(app, hours_later=1)
 
     assert (report["deletions_finished"], report["deletions_pending"]) == (2, 0)
     assert stored(app) == []
@@ -275,22 +277,11 @@ def test_the_orphan_sweep_finishes_deletions_nobody_retried(
     assert pending_deletions(app) == []
 
 
-def sweep_orphans_now(app: Flask) -> dict[str, object]:
-    with app.app_context():
-        report = sweep_orphans(
-            current_storage(), now=utcnow(), min_age=timedelta(minutes=30), dry_run=False
-        )
-    return report.as_dict()
-
-
 def test_an_upload_of_a_name_pending_deletion_ends_that_deletion(
     faulty_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
     # Left pending, the deletion would later remove the new upload.
-    session_uuid = new_session_with_file(faulty_app)
-    proxy[0].fault = fail("DeleteObjects")
-    assert delete_file(faulty_app, session_uuid) == 503
-    proxy[0].fault = None
+    session_uuid = pending_after_storage_refused(faulty_app, proxy)
 
     response = faulty_app.test_client().post(
         "/api/v1/upload",
@@ -302,17 +293,14 @@ def test_an_upload_of_a_name_pending_deletion_ends_that_deletion(
     assert pending_deletions(faulty_app) == []
     events = [row.event_type for row in audit_rows(faulty_app) if row.event_type.startswith("file")]
     assert events == ["file_uploaded", "file_deleted", "file_uploaded"]
-    sweep_an_hour_later(faulty_app)
+    sweep(faulty_app, hours_later=1)
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
 
 
 def test_erasing_a_session_ends_its_pending_deletions(
     faulty_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:
-    session_uuid = new_session_with_file(faulty_app)
-    proxy[0].fault = fail("DeleteObjects")
-    assert delete_file(faulty_app, session_uuid) == 503
-    proxy[0].fault = None
+    session_uuid = pending_after_storage_refused(faulty_app, proxy)
 
     erased = faulty_app.test_client().delete(f"/api/v1/session/{session_uuid}")
 
