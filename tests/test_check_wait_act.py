@@ -27,6 +27,7 @@ from app import jobs
 from app.clock import utcnow
 from app.extensions import db, lock_key
 from app.models import ChatSession
+from app.request_context import CORRELATION_HEADER
 from tests.conftest import (
     JSON_HEADERS,
     audit_rows,
@@ -186,7 +187,9 @@ def test_a_file_delete_that_waited_for_a_withdrawal_finds_no_file(
 
     assert withdrawn.status_code == 200
     assert (waited.status_code, waited.get_json()["error"]) == (404, "file_not_found")
-    assert audit_rows(app, "file_deleted") == []
+    # The withdrawal's own record of the file it erased, and none of the delete that waited.
+    [deleted] = audit_rows(app, "file_deleted")
+    assert deleted.correlation_id == withdrawn.headers[CORRELATION_HEADER]
 
 
 def test_a_purge_that_waited_spares_a_session_that_became_active(

@@ -297,6 +297,44 @@ def test_an_upload_of_a_name_pending_deletion_ends_that_deletion(
     assert stored(faulty_app) == [f"uploads/{session_uuid}/cv.pdf"]
 
 
+def withdraw_consent(app: Flask, session_uuid: str) -> int:
+    response = app.test_client().post(
+        f"/api/v1/session/{session_uuid}/consent",
+        json={"consent_user_data": False},
+        headers=JSON_HEADERS,
+    )
+    return response.status_code
+
+
+def test_a_withdrawal_whose_record_fails_after_deleting_is_finished_by_its_retry(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    # Storage deleted the files, then the withdrawal could not be recorded: the files are gone,
+    # and the retry must still say which, and how many, the withdrawal erased.
+    app = build_app(database_url, **storage_env)
+    session_uuid = new_session_with_file(app)
+    client = app.test_client()
+    granted = client.post(
+        "/api/v1/persist_session",
+        json={"uuid": session_uuid, "consent_user_data": True, "name": "Ada"},
+        headers=JSON_HEADERS,
+    )
+    assert granted.status_code == 200
+    with audit_refused(app, "consent_withdrawn"):
+        assert withdraw_consent(app, session_uuid) == 500
+    assert stored(app) == []
+    assert session_row(app, session_uuid).name == "Ada"  # type: ignore[union-attr]
+    assert len(pending_deletions(app)) == 1
+
+    assert withdraw_consent(app, session_uuid) == 200
+
+    assert session_row(app, session_uuid).name is None  # type: ignore[union-attr]
+    assert [row.details for row in audit_rows(app, "consent_withdrawn")] == [{"files": 1}]
+    [deleted] = audit_rows(app, "file_deleted")
+    assert deleted.details["file_ref"] == pending_ref(app, "cv.pdf")
+    assert pending_deletions(app) == []
+
+
 def test_erasing_a_session_ends_its_pending_deletions(
     faulty_app: Flask, proxy: tuple[S3Proxy, str]
 ) -> None:

@@ -14,10 +14,10 @@ from app.clock import utcnow
 from app.errors import ConsentRequired, InvalidRequest, StorageUnavailableError
 from app.extensions import db
 from app.models import ChatSession, ConsentEvent
-from app.services import audit, chat_sessions
+from app.services import audit, chat_sessions, files
 from app.services.audit import AuditContext
 from app.services.erasure import unlink_send_history
-from app.storage import StorageUnavailable, current_storage, session_objects
+from app.storage import StorageUnavailable, current_storage
 
 
 class ConsentChange(enum.StrEnum):
@@ -92,27 +92,32 @@ def grant(chat_session: ChatSession, context: AuditContext, now: datetime) -> No
 def withdraw(session_uuid: uuid.UUID, context: AuditContext) -> ConsentDecision:
     """Erase the session's personal data and files, keeping it as an anonymous pending session.
 
-    The files go first, under the session's file lock but not its row lock: if storage fails,
-    StorageUnavailableError is raised before anything in the database has changed. Commits.
+    The files go first, under the session's file lock but not its row lock, and the way a file
+    delete goes (files.delete): their deletion is committed as pending before storage is asked,
+    so a failure afterwards (storage, or the row lock not coming in time) leaves them pending
+    for the retry to finish, never gone without their ``file_deleted`` rows. If storage fails,
+    StorageUnavailableError; nothing but the pending deletions has changed. Commits.
     """
     chat_sessions.hold_session_files(session_uuid)
     storage = current_storage()
     try:
-        keys = [stored.key for stored in session_objects(storage, session_uuid)]
-        failed = storage.delete_many(keys)
+        files.request_deletion(session_uuid, list(files.stored_refs(storage, session_uuid)))
+        db.session.commit()
+        chat_sessions.hold_session_files(session_uuid)
+        erased, unfinished = files.finish_deletions(storage, session_uuid, context)
     except StorageUnavailable as exc:
         db.session.rollback()
         raise StorageUnavailableError() from exc
-    if failed:
+    if unfinished:
         db.session.rollback()
         raise StorageUnavailableError()
     chat_session = chat_sessions.locked_session(session_uuid)
     _erase_personal_data(chat_session)
     unlink_send_history([session_uuid])
     _remember(chat_session, granted=False, context=context, now=utcnow())
-    audit.record("consent_withdrawn", context, session_uuid, files=len(keys))
+    audit.record("consent_withdrawn", context, session_uuid, files=len(erased))
     db.session.commit()
-    return ConsentDecision(chat_session, ConsentChange.WITHDRAWN, files_erased=len(keys))
+    return ConsentDecision(chat_session, ConsentChange.WITHDRAWN, files_erased=len(erased))
 
 
 def _erase_personal_data(chat_session: ChatSession) -> None:

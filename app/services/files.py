@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, NoReturn
@@ -198,7 +199,7 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     storage = current_storage()
     ref = file_ref(name)
     try:
-        stored = ref in _keys_by_ref(storage, session_uuid)
+        stored = ref in stored_refs(storage, session_uuid)
     except StorageUnavailable as exc:
         db.session.rollback()
         raise StorageUnavailableError() from exc
@@ -206,11 +207,7 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     if not stored and ref not in _pending_refs(session_uuid):
         db.session.rollback()
         raise FileNotFound()
-    execute(
-        upsert(PendingFileDeletion)
-        .values(session_uuid=session_uuid, file_ref=ref, requested_at=utcnow())
-        .on_conflict_do_nothing()
-    )
+    request_deletion(session_uuid, [ref])
     db.session.commit()
     # That commit released the file lock; an upload or delete that ran in between finished
     # this deletion already, and leaves nothing pending.
@@ -223,6 +220,23 @@ def delete(raw_uuid: str, filename: str, *, context: AuditContext) -> None:
     db.session.commit()
     if ref in unfinished:
         raise StorageUnavailableError()
+
+
+def request_deletion(session_uuid: uuid.UUID, refs: Collection[str]) -> None:
+    """Record the deletion of these files as pending; the caller holds the file lock and commits.
+
+    Commit before storage is asked; then finish_deletions does the rest.
+    """
+    if not refs:
+        return
+    requested_at = utcnow()
+    execute(
+        upsert(PendingFileDeletion).on_conflict_do_nothing(),
+        [
+            {"session_uuid": session_uuid, "file_ref": ref, "requested_at": requested_at}
+            for ref in refs
+        ],
+    )
 
 
 def finish_deletions(
@@ -238,7 +252,7 @@ def finish_deletions(
     pending = _pending_refs(session_uuid)
     if not pending:
         return [], set()
-    keys = {ref: key for ref, key in _keys_by_ref(storage, session_uuid).items() if ref in pending}
+    keys = {ref: key for ref, key in stored_refs(storage, session_uuid).items() if ref in pending}
     failed = storage.delete_many(list(keys.values())) if keys else {}
     finished = sorted(ref for ref in pending if keys.get(ref) not in failed)
     if finished:
@@ -299,8 +313,8 @@ def _pending_refs(session_uuid: uuid.UUID) -> set[str]:
     return set(db.session.scalars(query))
 
 
-def _keys_by_ref(storage: Storage, session_uuid: uuid.UUID) -> dict[str, str]:
-    """The session's stored keys by their files' audit references."""
+def stored_refs(storage: Storage, session_uuid: uuid.UUID) -> dict[str, str]:
+    """The session's stored keys by their files' audit references; raises StorageUnavailable."""
     return {
         file_ref(stored.key.rpartition("/")[2]): stored.key
         for stored in session_objects(storage, session_uuid)
