@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 
 import boto3
@@ -87,15 +88,18 @@ def stored(app: Flask) -> list[str]:
 
 
 def new_session_with_file(app: Flask) -> str:
-    client = app.test_client()
-    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
-    response = client.post(
+    session_uuid = str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
+    upload_file(app, session_uuid, "cv.pdf")
+    return session_uuid
+
+
+def upload_file(app: Flask, session_uuid: str, name: str) -> None:
+    response = app.test_client().post(
         "/api/v1/upload",
-        data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+        data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), name)},
         content_type="multipart/form-data",
     )
     assert response.status_code == 200
-    return session_uuid
 
 
 def make_every_session_idle_for_two_days(app: Flask) -> None:
@@ -251,15 +255,7 @@ def test_the_orphan_sweep_finishes_deletions_nobody_retried(
     app = build_app(database_url, **storage_env)
     gone = pending_after_record_refused(app)
     still_stored = new_session_with_file(app)
-    with app.app_context():
-        db.session.execute(
-            insert(PendingFileDeletion).values(
-                session_uuid=uuid.UUID(still_stored),
-                file_ref=file_ref("cv.pdf"),
-                requested_at=utcnow(),
-            )
-        )
-        db.session.commit()
+    mark_pending(app, still_stored, "cv.pdf")
 
     young = sweep(app)
     assert (young["deletions_finished"], young["deletions_pending"]) == (0, 0)
@@ -275,6 +271,123 @@ def test_the_orphan_sweep_finishes_deletions_nobody_retried(
     deleted = audit_rows(app, "file_deleted")
     assert {str(row.session_uuid) for row in deleted} == {gone, still_stored}
     assert pending_deletions(app) == []
+
+
+def mark_pending(app: Flask, session_uuid: str, *names: str) -> None:
+    """Record the deletion of ``names`` as pending, as a request that failed midway leaves it."""
+    with app.app_context():
+        db.session.execute(
+            insert(PendingFileDeletion),
+            [
+                {
+                    "session_uuid": uuid.UUID(session_uuid),
+                    "file_ref": file_ref(name),
+                    "requested_at": utcnow(),
+                }
+                for name in names
+            ],
+        )
+        db.session.commit()
+
+
+def pending_names(app: Flask, *names: str) -> set[tuple[str, str]]:
+    """The pending deletions, as (session, name) for the names given."""
+    refs = {pending_ref(app, name): name for name in names}
+    return {(str(session), refs[ref]) for session, ref in pending_deletions(app)}
+
+
+def test_the_sweep_leaves_pending_a_session_held_elsewhere_or_whose_storage_fails(
+    postgres_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(postgres_url, S3_MAX_ATTEMPTS="1", **settings)
+    # Chosen UUIDs, so the sweep meets them in this order: held, unlistable, held, then free.
+    held, unlistable, held_too, free = (
+        f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3, 4)
+    )
+    for session_uuid in (held, unlistable, held_too, free):
+        registered = app.test_client().post("/api/v1/validate-uuid", json={"uuid": session_uuid})
+        assert registered.get_json()["status"] == "success"
+        upload_file(app, session_uuid, "cv.pdf")
+        mark_pending(app, session_uuid, "cv.pdf")
+    proxy[0].fault = refuse_listing(unlistable)
+
+    with closing(psycopg2.connect(make_url(postgres_url).render_as_string(False))) as other:
+        for session_uuid in (held, held_too):
+            other.cursor().execute(
+                "SELECT pg_advisory_xact_lock(%s)",
+                (lock_key(files_lock_name(uuid.UUID(session_uuid))),),
+            )
+        report = sweep(app, hours_later=1)
+
+    proxy[0].fault = None
+    assert (report["deletions_finished"], report["deletions_pending"]) == (1, 3)
+    left = {held, unlistable, held_too}
+    assert pending_names(app, "cv.pdf") == {(session_uuid, "cv.pdf") for session_uuid in left}
+    assert sorted(stored(app)) == sorted(f"uploads/{session_uuid}/cv.pdf" for session_uuid in left)
+    assert [str(row.session_uuid) for row in audit_rows(app, "file_deleted")] == [free]
+
+
+def refuse_deleting(refused_key: str, s3_endpoint: str, bucket: str) -> object:
+    """A fault rule: DeleteObjects deletes every key but ``refused_key``, and reports that one."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+    def rule(name: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        if name != "DeleteObjects":
+            return None
+        for key in re.findall(r"<Key>(.*?)</Key>", body.decode()):
+            if key != refused_key:
+                s3.delete_object(Bucket=bucket, Key=key)
+        answer = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Error><Key>{refused_key}</Key><Code>AccessDenied</Code>"
+            "<Message>injected</Message></Error></DeleteResult>"
+        )
+        return 200, answer.encode()
+
+    return rule
+
+
+def test_a_file_storage_refuses_stays_pending_while_its_neighbour_is_finished(
+    database_url: str, s3_endpoint: str, proxy: tuple[S3Proxy, str]
+) -> None:
+    settings = {**s3_env(s3_endpoint), "S3_ENDPOINT_URL": proxy[1]}
+    app = build_app(database_url, S3_MAX_ATTEMPTS="1", **settings)
+    session_uuid = new_session_with_file(app)
+    upload_file(app, session_uuid, "letter.pdf")
+    mark_pending(app, session_uuid, "cv.pdf", "letter.pdf")
+    refused = f"uploads/{session_uuid}/letter.pdf"
+    proxy[0].fault = refuse_deleting(refused, s3_endpoint, settings["S3_BUCKET"])
+
+    report = sweep(app, hours_later=1)
+
+    proxy[0].fault = None
+    assert (report["deletions_finished"], report["deletions_pending"]) == (1, 1)
+    assert pending_names(app, "cv.pdf", "letter.pdf") == {(session_uuid, "letter.pdf")}
+    assert stored(app) == [refused]
+    [deleted] = audit_rows(app, "file_deleted")
+    assert deleted.details["file_ref"] == pending_ref(app, "cv.pdf")
+    assert delete_file(app, session_uuid, "letter.pdf") == 200
+    assert stored(app) == []
+
+
+def test_an_upload_ends_only_the_pending_deletion_of_its_own_name(
+    database_url: str, storage_env: dict[str, str]
+) -> None:
+    app = build_app(database_url, **storage_env)
+    session_uuid = new_session_with_file(app)
+    upload_file(app, session_uuid, "letter.pdf")
+    mark_pending(app, session_uuid, "cv.pdf", "letter.pdf")
+
+    upload_file(app, session_uuid, "cv.pdf")
+
+    assert pending_names(app, "cv.pdf", "letter.pdf") == {(session_uuid, "letter.pdf")}
+    [deleted] = audit_rows(app, "file_deleted")
+    assert (str(deleted.session_uuid), deleted.details) == (
+        session_uuid,
+        {"file_ref": pending_ref(app, "cv.pdf")},
+    )
 
 
 def test_an_upload_of_a_name_pending_deletion_ends_that_deletion(
@@ -836,19 +949,18 @@ def test_an_upload_whose_record_fails_after_storing_leaves_no_file(
 
 
 @contextmanager
-def commits_finishing_late(app: Flask, event_type: str, seconds: float) -> Iterator[None]:
-    """A COMMIT carrying an audit row of ``event_type`` takes ``seconds`` on the server, then lands.
+def at_commit(app: Flask, event_type: str, plpgsql: str) -> Iterator[None]:
+    """A COMMIT carrying an audit row of ``event_type`` first runs ``plpgsql`` on the server.
 
-    A deferred trigger sleeps at COMMIT time: the client may give up and lose the answer while
-    the server goes on and commits, which is how a lost connection looks from both ends.
+    A deferred constraint trigger runs at COMMIT time, after every statement has succeeded.
     """
     statements = [
         LOCK_AUDIT_EVENTS,
-        "CREATE OR REPLACE FUNCTION finish_late() RETURNS trigger AS $$ BEGIN "
-        "PERFORM pg_sleep(TG_ARGV[0]::float); RETURN NULL; END $$ LANGUAGE plpgsql",
-        "CREATE CONSTRAINT TRIGGER finish_late AFTER INSERT ON audit_events "
+        "CREATE OR REPLACE FUNCTION at_commit() RETURNS trigger AS $$ BEGIN "
+        f"{plpgsql}; RETURN NULL; END $$ LANGUAGE plpgsql",
+        "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON audit_events "
         f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.event_type = '{event_type}') "
-        f"EXECUTE FUNCTION finish_late('{seconds}')",
+        "EXECUTE FUNCTION at_commit()",
     ]
     with app.app_context():
         for statement in statements:
@@ -859,8 +971,26 @@ def commits_finishing_late(app: Flask, event_type: str, seconds: float) -> Itera
     finally:
         with app.app_context():
             db.session.execute(text(LOCK_AUDIT_EVENTS))
-            db.session.execute(text("DROP TRIGGER finish_late ON audit_events"))
+            db.session.execute(text("DROP TRIGGER at_commit ON audit_events"))
             db.session.commit()
+
+
+def test_an_upload_whose_commit_is_refused_leaves_no_file(postgres_url: str) -> None:
+    # The server answered: the COMMIT failed, so nothing was recorded and the file must go.
+    app = build_app(postgres_url)
+    client = app.test_client()
+    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+
+    with at_commit(app, "file_uploaded", "RAISE EXCEPTION 'refused at commit'"):
+        response = client.post(
+            "/api/v1/upload",
+            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
+            content_type="multipart/form-data",
+        )
+
+    assert response.status_code == 500
+    assert stored(app) == []
+    assert audit_rows(app, "file_uploaded") == []
 
 
 def test_an_upload_whose_commit_lands_after_its_answer_keeps_its_file(postgres_url: str) -> None:
@@ -872,7 +1002,9 @@ def test_an_upload_whose_commit_lands_after_its_answer_keeps_its_file(postgres_u
     client = app.test_client()
     session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
 
-    with commits_finishing_late(app, "file_uploaded", seconds=2):
+    # The COMMIT sleeps on the server: the client may give up and lose the answer while the
+    # server goes on and commits, which is how a lost connection looks from both ends.
+    with at_commit(app, "file_uploaded", "PERFORM pg_sleep(2)"):
         response = client.post(
             "/api/v1/upload",
             data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},

@@ -253,7 +253,7 @@ def finish_deletions(
     if not pending:
         return [], set()
     keys = {ref: key for ref, key in stored_refs(storage, session_uuid).items() if ref in pending}
-    failed = storage.delete_many(list(keys.values())) if keys else {}
+    failed = storage.delete_many(list(keys.values()))
     finished = sorted(ref for ref in pending if keys.get(ref) not in failed)
     if finished:
         execute(
@@ -280,7 +280,8 @@ def finish_interrupted_deletions(
         PendingFileDeletion.requested_at < requested_before
     )
     finished = left = 0
-    for session_uuid in list(db.session.scalars(query.distinct())):
+    sessions = query.distinct().order_by(PendingFileDeletion.session_uuid)
+    for session_uuid in list(db.session.scalars(sessions)):
         if has_advisory_locks() and not advisory_xact_lock(
             files_lock_name(session_uuid), wait=False
         ):
@@ -302,7 +303,7 @@ def finish_interrupted_deletions(
 def count_interrupted_deletions(*, requested_before: datetime) -> int:
     """How many deletions have been pending since before ``requested_before``."""
     query = select(func.count()).where(PendingFileDeletion.requested_at < requested_before)
-    return db.session.scalar(query) or 0
+    return db.session.execute(query).scalar_one()
 
 
 def _pending_refs(session_uuid: uuid.UUID) -> set[str]:
