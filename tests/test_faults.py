@@ -27,6 +27,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import make_url
+from werkzeug.test import TestResponse
 
 from app import create_app
 from app.clock import utcnow
@@ -87,19 +88,26 @@ def stored(app: Flask) -> list[str]:
         return [o.key for page in current_storage().list_pages("uploads/") for o in page]
 
 
+def new_session(app: Flask) -> str:
+    return str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
+
+
 def new_session_with_file(app: Flask) -> str:
-    session_uuid = str(app.test_client().post("/api/v1/generate-uuid").get_json()["uuid"])
+    session_uuid = new_session(app)
     upload_file(app, session_uuid, "cv.pdf")
     return session_uuid
 
 
 def upload_file(app: Flask, session_uuid: str, name: str) -> None:
-    response = app.test_client().post(
+    assert upload_answer(app, session_uuid, name).status_code == 200
+
+
+def upload_answer(app: Flask, session_uuid: str, name: str = "cv.pdf") -> TestResponse:
+    return app.test_client().post(
         "/api/v1/upload",
         data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), name)},
         content_type="multipart/form-data",
     )
-    assert response.status_code == 200
 
 
 def make_every_session_idle_for_two_days(app: Flask) -> None:
@@ -978,15 +986,10 @@ def at_commit(app: Flask, event_type: str, plpgsql: str) -> Iterator[None]:
 def test_an_upload_whose_commit_is_refused_leaves_no_file(postgres_url: str) -> None:
     # The server answered: the COMMIT failed, so nothing was recorded and the file must go.
     app = build_app(postgres_url)
-    client = app.test_client()
-    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+    session_uuid = new_session(app)
 
     with at_commit(app, "file_uploaded", "RAISE EXCEPTION 'refused at commit'"):
-        response = client.post(
-            "/api/v1/upload",
-            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
-            content_type="multipart/form-data",
-        )
+        response = upload_answer(app, session_uuid)
 
     assert response.status_code == 500
     assert stored(app) == []
@@ -999,17 +1002,12 @@ def test_an_upload_whose_commit_lands_after_its_answer_keeps_its_file(postgres_u
     app = build_app(
         postgres_url, REQUEST_DEADLINE_SECONDS="1", DATABASE_STATEMENT_TIMEOUT_MS="5000"
     )
-    client = app.test_client()
-    session_uuid = str(client.post("/api/v1/generate-uuid").get_json()["uuid"])
+    session_uuid = new_session(app)
 
     # The COMMIT sleeps on the server: the client may give up and lose the answer while the
     # server goes on and commits, which is how a lost connection looks from both ends.
     with at_commit(app, "file_uploaded", "PERFORM pg_sleep(2)"):
-        response = client.post(
-            "/api/v1/upload",
-            data={"session_uuid": session_uuid, "file": (io.BytesIO(PDF), "cv.pdf")},
-            content_type="multipart/form-data",
-        )
+        response = upload_answer(app, session_uuid)
         assert response.status_code == 503
         assert eventually(lambda: audit_rows(app, "file_uploaded") != [], timeout=5)
 
