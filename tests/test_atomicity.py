@@ -43,33 +43,44 @@ LOCK_AUDIT_EVENTS = "LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE"
 def audit_refused(app: Flask, event_type: str) -> Iterator[None]:
     """The database refuses audit rows of ``event_type`` until the block ends."""
     with app.app_context():
-        if db.engine.dialect.name == "postgresql":
-            statements = [
-                LOCK_AUDIT_EVENTS,
-                "CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
-                "IF NEW.event_type = TG_ARGV[0] THEN RAISE EXCEPTION 'audit refused'; END IF; "
-                "RETURN NEW; END $$ LANGUAGE plpgsql",
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events FOR EACH ROW "
-                f"EXECUTE FUNCTION refuse_audit('{event_type}')",
-            ]
-        else:
-            statements = [
-                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events "
-                f"WHEN NEW.event_type = '{event_type}' "
-                "BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
-            ]
-        for statement in statements:
+        postgresql = db.engine.dialect.name == "postgresql"
+    if postgresql:
+        statements = [
+            "CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.event_type = TG_ARGV[0] THEN RAISE EXCEPTION 'audit refused'; END IF; "
+            "RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events FOR EACH ROW "
+            f"EXECUTE FUNCTION refuse_audit('{event_type}')",
+        ]
+        removal = "DROP TRIGGER refuse_audit ON audit_events"
+    else:
+        statements = [
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events "
+            f"WHEN NEW.event_type = '{event_type}' "
+            "BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        ]
+        removal = "DROP TRIGGER refuse_audit"
+    with audit_trigger(app, statements, removal):
+        yield
+
+
+@contextmanager
+def audit_trigger(app: Flask, statements: list[str], removal: str) -> Iterator[None]:
+    """A trigger on ``audit_events``, made by ``statements`` and dropped by ``removal``.
+
+    On PostgreSQL both take the table's lock first (LOCK_AUDIT_EVENTS says why).
+    """
+    with app.app_context():
+        postgresql = db.engine.dialect.name == "postgresql"
+        for statement in [LOCK_AUDIT_EVENTS, *statements] if postgresql else statements:
             db.session.execute(text(statement))
         db.session.commit()
     try:
         yield
     finally:
         with app.app_context():
-            if db.engine.dialect.name == "postgresql":
-                db.session.execute(text(LOCK_AUDIT_EVENTS))
-                db.session.execute(text("DROP TRIGGER refuse_audit ON audit_events"))
-            else:
-                db.session.execute(text("DROP TRIGGER refuse_audit"))
+            for statement in [LOCK_AUDIT_EVENTS, removal] if postgresql else [removal]:
+                db.session.execute(text(statement))
             db.session.commit()
 
 

@@ -25,7 +25,7 @@ import boto3
 import psycopg2
 import pytest
 from flask import Flask
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import make_url
 from werkzeug.test import TestResponse
 
@@ -50,7 +50,7 @@ from tests.conftest import (
 )
 from tests.s3_proxy import DROP, S3Proxy, Slow
 from tests.servers import PROJECT_ROOT, free_port
-from tests.test_atomicity import LOCK_AUDIT_EVENTS, audit_refused
+from tests.test_atomicity import audit_refused, audit_trigger
 from tests.test_locks import eventually
 
 S3_ERROR = b"<Error><Code>InternalError</Code><Message>injected fault</Message></Error>"
@@ -963,24 +963,14 @@ def at_commit(app: Flask, event_type: str, plpgsql: str) -> Iterator[None]:
     A deferred constraint trigger runs at COMMIT time, after every statement has succeeded.
     """
     statements = [
-        LOCK_AUDIT_EVENTS,
         "CREATE OR REPLACE FUNCTION at_commit() RETURNS trigger AS $$ BEGIN "
         f"{plpgsql}; RETURN NULL; END $$ LANGUAGE plpgsql",
         "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON audit_events "
         f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.event_type = '{event_type}') "
         "EXECUTE FUNCTION at_commit()",
     ]
-    with app.app_context():
-        for statement in statements:
-            db.session.execute(text(statement))
-        db.session.commit()
-    try:
+    with audit_trigger(app, statements, "DROP TRIGGER at_commit ON audit_events"):
         yield
-    finally:
-        with app.app_context():
-            db.session.execute(text(LOCK_AUDIT_EVENTS))
-            db.session.execute(text("DROP TRIGGER at_commit ON audit_events"))
-            db.session.commit()
 
 
 def test_an_upload_whose_commit_is_refused_leaves_no_file(postgres_url: str) -> None:
